@@ -1,0 +1,167 @@
+"""Architecture view: per-layer weights by role (q, k, v, o, gate, up, down, unembedding) and GQA layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["ROLES", "WRITE_ROLES", "READ_ROLES", "Architecture", "LayerWeights"]
+
+# role -> module path inside decoder layer i (Llama/Qwen/Mistral/Gemma naming).
+ROLES: dict[str, str] = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+WRITE_ROLES = ("o", "down")  # their rows live in d_model: they write to the residual stream
+READ_ROLES = ("q", "k", "v", "gate", "up")  # their columns live in d_model: they read from it
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's weights, as stored by nn.Linear: [out_features, in_features].
+
+    q [H·hd, d], k/v [H_kv·hd, d], o [d, H·hd], gate/up [d_ff, d], down [d, d_ff].
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def write(self) -> torch.Tensor:
+        """[W_o | W_down]: every direction this layer can add to the residual stream, [d, H·hd + d_ff]."""
+        return torch.cat([self.o, self.down], dim=1)
+
+
+class Architecture:
+    """Names and shapes of a decoder-only model, so no other module hard-codes parameter names."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        config = model.config
+        self.n_layers: int = int(config.num_hidden_layers)
+        self.d_model: int = int(config.hidden_size)
+        self.n_heads: int = int(config.num_attention_heads)
+        self.n_kv_heads: int = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        head_dim = getattr(config, "head_dim", None)
+        self.head_dim: int = int(head_dim or self.d_model // self.n_heads)
+        self.d_ff: int = int(config.intermediate_size)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"num_attention_heads={self.n_heads} is not a multiple of "
+                f"num_key_value_heads={self.n_kv_heads}; grouped-query attention needs it to be"
+            )
+        self._modules = dict(model.named_modules())
+        self._check_modules()
+
+    # ---- names -------------------------------------------------------------------------
+    @property
+    def gqa_group(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    def layer_name(self, layer: int) -> str:
+        """The decoder block whose output is the residual stream after layer `layer`."""
+        self._check_layer(layer)
+        return f"model.layers.{layer}"
+
+    def module_name(self, layer: int, role: str) -> str:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; roles are {sorted(ROLES)}")
+        return f"{self.layer_name(layer)}.{ROLES[role]}"
+
+    def param_name(self, layer: int, role: str) -> str:
+        """e.g. param_name(12, 'o') == 'model.layers.12.self_attn.o_proj.weight'."""
+        return f"{self.module_name(layer, role)}.weight"
+
+    def parse_param_name(self, name: str) -> tuple[int, str] | None:
+        """Inverse of param_name; None for parameters outside the seven roles."""
+        parts = name.split(".")
+        if len(parts) < 5 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+            return None
+        layer = int(parts[2])
+        path = ".".join(parts[3:])
+        for role, sub in ROLES.items():
+            if path == f"{sub}.weight":
+                return layer, role
+        return None
+
+    def module(self, name: str) -> torch.nn.Module:
+        try:
+            return self._modules[name]
+        except KeyError:
+            raise ValueError(f"model has no module {name!r}") from None
+
+    # ---- weights -----------------------------------------------------------------------
+    def weight(self, layer: int, role: str) -> torch.Tensor:
+        return self.module(self.module_name(layer, role)).weight
+
+    def layer(self, layer: int) -> LayerWeights:
+        return LayerWeights(**{role: self.weight(layer, role).detach() for role in ROLES})
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """W_U [vocab, d]: lm_head, which is the embedding matrix when embeddings are tied."""
+        return self.model.get_output_embeddings().weight.detach()
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight.detach()
+
+    def expand_kv(self, w_kv: torch.Tensor) -> torch.Tensor:
+        """Repeat a K or V weight's rows per GQA group: [H_kv·hd, d] → [H·hd, d], head-aligned with q/o."""
+        if w_kv.shape[0] != self.n_kv_heads * self.head_dim:
+            raise ValueError(
+                f"expand_kv expects {self.n_kv_heads * self.head_dim} rows "
+                f"(n_kv_heads·head_dim), got shape {tuple(w_kv.shape)}"
+            )
+        heads = w_kv.reshape(self.n_kv_heads, self.head_dim, -1)
+        return heads.repeat_interleave(self.gqa_group, dim=0).reshape(
+            self.n_heads * self.head_dim, -1
+        )
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of every parameter of the seven roles, keyed by parameter name."""
+        return {
+            self.param_name(layer, role): tuple(self.weight(layer, role).shape)
+            for layer in range(self.n_layers)
+            for role in ROLES
+        }
+
+    def touched_layer_range(self, lo: float = 0.3, hi: float = 0.8) -> range:
+        """Layers round(lo·n) … round(hi·n)−1, where SPEC §2.3's LoRAs train."""
+        return range(round(lo * self.n_layers), round(hi * self.n_layers))
+
+    # ---- checks ------------------------------------------------------------------------
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer} out of range: the model has {self.n_layers} layers")
+
+    def _check_modules(self) -> None:
+        for name in ("model.embed_tokens", "model.layers"):
+            if name not in self._modules:
+                raise ValueError(
+                    f"model lacks module {name!r}; ws-harness needs Llama/Qwen/Mistral/Gemma "
+                    "module naming (model.layers.{i}.self_attn.*, model.layers.{i}.mlp.*)"
+                )
+        for layer in range(self.n_layers):
+            for role, sub in ROLES.items():
+                name = f"model.layers.{layer}.{sub}"
+                if name not in self._modules or getattr(self._modules[name], "weight", None) is None:
+                    raise ValueError(
+                        f"model lacks module {name!r} (role {role!r}); ws-harness needs "
+                        "Llama/Qwen/Mistral/Gemma module naming"
+                    )
+        if self.model.get_output_embeddings() is None:
+            raise ValueError("model has no output embeddings (lm_head); a causal LM is required")

