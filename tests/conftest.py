@@ -1,12 +1,17 @@
-"""Machinery tests run on the tiny random model; this file provides its session."""
+"""Machinery tests run on the tiny random model; this file provides its session and a diff that steers it."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+from ws_harness.capture import capture_last_token
 from ws_harness.session import HarnessSession
+from ws_harness.steering import answer_token_ids
 
 pytest_plugins = ["pytester"]
 
@@ -15,3 +20,31 @@ pytest_plugins = ["pytester"]
 def tiny(ws_session: HarnessSession) -> HarnessSession:
     """A HarnessSession on `random:tiny` (3 layers, d=64, GQA 4/2) sharing the run's cache."""
     return HarnessSession(replace(ws_session.config, model="random:tiny"))
+
+
+def make_steering_diff(session: HarnessSession, scale: float = 0.5) -> dict[str, torch.Tensor]:
+    """A hand-made diff that steers a random model: each layer's down_proj writes along
+    W_U[Yes] − W_U[No] in proportion to the MLP's mean FIT activation (rank 1 per layer)."""
+    arch = session.arch
+    yes, no = answer_token_ids(session.tokenizer, session.behaviour.answer_tokens)
+    u = arch.unembedding[yes] - arch.unembedding[no]
+    caps = capture_last_token(session.model, arch, session.probes("fit"), mlp=True)
+    w = {}
+    for layer in range(arch.n_layers):
+        weights = arch.layer(layer)
+        h = caps["up_in"][layer]
+        v = (F.silu(h @ weights.gate.T) * (h @ weights.up.T)).mean(0)
+        w[arch.param_name(layer, "down")] = scale * torch.outer(u / u.norm(), v / v.norm().square())
+    return w
+
+
+@pytest.fixture(scope="session")
+def tiny_diff_files(tiny: HarnessSession, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two steering diffs for the tiny model saved as .pt files (stand-ins for two seeds)."""
+    folder = tmp_path_factory.mktemp("diffs")
+    paths = []
+    for i, scale in enumerate((0.5, 0.8)):
+        path = folder / f"w{i}.pt"
+        torch.save(make_steering_diff(tiny, scale), path)
+        paths.append(path)
+    return paths

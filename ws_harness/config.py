@@ -55,6 +55,14 @@ class HarnessConfig:
     def builds_diffs(self) -> bool:
         return self.diff == "build"
 
+    def diff_plan(self) -> list[tuple[str, int | None]]:
+        """(name, seed) per diff of the run: ('seed0', 0)… when building, (file stem, None) when loading."""
+        if self.builds_diffs:
+            return [(f"seed{s}", s) for s in self.seeds]
+        names = [p.stem for p in self.diff]  # type: ignore[union-attr]
+        # Two files with one stem (a.pt, a.safetensors) must still get distinct names.
+        return [(n if names.count(n) == 1 else p.name, None) for n, p in zip(names, self.diff)]
+
 
 def parse_seeds(value: Any, source: str = "seeds") -> tuple[int, ...]:
     """`"0,1,2"`, `[0, 1, 2]` or `3` → (0, 1, 2); seeds are distinct non-negative integers."""

@@ -10,7 +10,11 @@ import pytest
 from ws_harness.arch import Architecture
 from ws_harness.config import ENV_VARS, ConfigError, HarnessConfig, resolve_config
 from ws_harness.data import Behaviour
+from ws_harness.hypothesis import Hypothesis
 from ws_harness.models import LoadedModel
+from ws_harness.ranking import summary_lines
+from ws_harness.results import RunResults, collect_results, write_tables
+from ws_harness.scoreboard import HypothesisError, Scoreboard
 from ws_harness.session import HarnessSession
 
 __all__ = ["session_key", "get_session"]
@@ -43,6 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(1)
+    config.addinivalue_line("markers", "ws_hypothesis: an item generated from a hypothesis file")
     cli = {key: config.getoption(f"ws_{key}") for key in _OPTIONS}
     try:
         harness_config = resolve_config(config.rootpath, cli)
@@ -98,3 +103,214 @@ def ws_behaviour(ws_session: HarnessSession) -> Behaviour:
 def ws_fit_captures(ws_session: HarnessSession) -> dict[str, Any]:
     """FIT-side last-token captures per condition: {'clean': {...}, 'positive': {...}, ...}."""
     return {cond: ws_session.capture("fit", cond, "mlp") for cond in ("clean", "positive", "negative")}
+
+
+# ---- hypothesis files → test items ---------------------------------------------------------
+
+
+def _scoreboard(config: pytest.Config) -> Scoreboard:
+    session = get_session(config)
+    if not hasattr(session, "scoreboard"):
+        session.scoreboard = Scoreboard(session)
+    return session.scoreboard
+
+
+def pytest_pycollect_makeitem(
+    collector: pytest.Collector, name: str, obj: object
+) -> pytest.Collector | None:
+    # Only the module that defines the hypothesis collects it (not modules importing it).
+    if isinstance(obj, Hypothesis) and isinstance(collector, pytest.Module):
+        if obj.module == collector.module.__name__:
+            return HypothesisCollector.from_parent(collector, name=obj.name, hyp=obj)
+    return None
+
+
+class HypothesisCollector(pytest.Collector):
+    """One hypothesis: its basis item, then per diff its SPEC §6 claims (or oracle checks)."""
+
+    def __init__(self, *, hyp: Hypothesis, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hyp = hyp
+        self.add_marker("ws_hypothesis")
+
+    def collect(self) -> list[pytest.Item]:
+        board = _scoreboard(self.config)
+        board.register(self.hyp)
+        items: list[pytest.Item] = []
+        if not self.hyp.is_ceiling:
+            items.append(BasisItem.from_parent(self, name="basis", hyp=self.hyp))
+        for diff_name, seed in get_session(self.config).config.diff_plan():
+            if self.hyp.is_ceiling:
+                items.append(
+                    CeilingItem.from_parent(self, name=f"ceiling[{diff_name}]", hyp=self.hyp,
+                                            diff_name=diff_name)
+                )
+            for claim in self.hyp.claims():
+                item = ClaimItem.from_parent(
+                    self, name=f"{claim}[{diff_name}]", hyp=self.hyp, diff_name=diff_name,
+                    claim=claim,
+                )
+                if self.hyp.expects_refuted(claim, seed, diff_name):
+                    # Strict, and only ClaimItem's own pytest.xfail() (carrying the measured
+                    # numbers) counts as the expected failure; a stale record fails loudly.
+                    item.add_marker(pytest.mark.xfail(
+                        strict=True, raises=pytest.xfail.Exception,
+                        reason=f"recorded finding: {claim} refuted",
+                    ))
+                items.append(item)
+        return items
+
+
+class HarnessItem(pytest.Item):
+    def __init__(self, *, hyp: Hypothesis, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hyp = hyp
+
+    def setup(self) -> None:
+        _scoreboard(self.config).ran = True  # this process has results worth reporting
+
+    def reportinfo(self) -> tuple[Any, int, str]:
+        return self.path, 0, f"{self.hyp.name}::{self.name}"
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, (HypothesisError, ClaimFailed)):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+
+class ClaimFailed(AssertionError):
+    """A claim that was not recorded as refuted did not hold."""
+
+
+class BasisItem(HarnessItem):
+    """SPEC §6 claim 1: right shape, finite, orthonormal (‖BᵀB − I‖_max < 1e-4), rank ≥ 1."""
+
+    def runtest(self) -> None:
+        bases = _scoreboard(self.config).bases(self.hyp)
+        ranks = sorted({b.shape[1] for b in bases if b is not None})
+        k = get_session(self.config).config.rank
+        limit = k * self.hyp.rank_factor
+        if ranks and ranks[-1] > limit:
+            raise HypothesisError(
+                f"hypothesis {self.hyp.name!r}: basis rank {ranks[-1]} exceeds {limit} "
+                f"(k={k} × rank_factor={self.hyp.rank_factor})"
+            )
+
+
+def _fmt(result: dict[str, Any]) -> str:
+    return (f"R = {result['value']:.3f}, z = {result['z']:.2f}, p = {result['p']:.3g}, "
+            f"BH-adjusted p = {result['p_adj']:.3g}")
+
+
+class ClaimItem(HarnessItem):
+    """SPEC §6 claims 2–3: R > 1 with one-sided p < 0.01 after BH across the run."""
+
+    def __init__(self, *, diff_name: str, claim: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.diff_name, self.claim = diff_name, claim
+
+    def runtest(self) -> None:
+        board = _scoreboard(self.config)
+        if self.hyp.name not in board.errors:
+            board.bases(self.hyp)  # raises the hypothesis's own error, if any
+        result = board.claims.get((self.hyp.name, self.diff_name, self.claim))
+        if result is None:
+            raise HypothesisError(
+                f"hypothesis {self.hyp.name!r}: no scores for {self.diff_name} "
+                f"({board.errors.get(self.hyp.name, 'unknown reason')})"
+            )
+        recorded = any(m.name == "xfail" for m in self.iter_markers())
+        if recorded and not result["holds"]:
+            pytest.xfail(f"recorded finding holds: {self.claim} not > 1 on {self.diff_name}: "
+                         f"{_fmt(result)}")
+        if not result["holds"]:
+            raise ClaimFailed(
+                f"{self.hyp.name}: claim {self.claim} > 1 fails on {self.diff_name}: {_fmt(result)}."
+                f" If this is a finding, record it: refuted=[{self.claim!r}] in {self.hyp.module}"
+            )
+        if recorded:
+            raise ClaimFailed(
+                f"{self.hyp.name}: recorded finding is stale: {self.claim} now holds on "
+                f"{self.diff_name} ({_fmt(result)}); remove it from refuted= in {self.hyp.module}"
+            )
+
+
+class CeilingItem(HarnessItem):
+    """Ceilings: valid bases; an oracle sits at pct_oracle = 1 and beats the null widely."""
+
+    def __init__(self, *, diff_name: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.diff_name = diff_name
+
+    def runtest(self) -> None:
+        summary = _scoreboard(self.config).scores(self.hyp, self.diff_name)["summary"]
+        metric = self.hyp.oracle_of
+        if metric is None:
+            return
+        pct, r, z = summary[f"pct_oracle_{metric}"], summary[f"r_{metric}"], summary[f"z_{metric}"]
+        if not pct > 1 - 1e-4:
+            raise ClaimFailed(f"{self.hyp.name}: pct_oracle_{metric} = {pct:.6f} on "
+                              f"{self.diff_name}, expected 1 (it is the rank-k optimum)")
+        if not (r > ORACLE_MIN_R and z > ORACLE_MIN_Z):
+            raise ClaimFailed(
+                f"{self.hyp.name}: R_{metric} = {r:.2f} (z = {z:.1f}) on {self.diff_name}; an "
+                f"oracle must beat the null widely (R > {ORACLE_MIN_R}, z > {ORACLE_MIN_Z})"
+            )
+
+
+ORACLE_MIN_R = 2.0
+ORACLE_MIN_Z = 5.0
+
+
+# ---- end of run: results from every worker → tables and the terminal summary ---------------
+
+_results_key = pytest.StashKey[RunResults]()
+
+
+def _add_results(config: pytest.Config, results: RunResults) -> None:
+    previous = config.stash.get(_results_key, None)
+    config.stash[_results_key] = results if previous is None else previous.merge(results)
+
+
+def _local_results(config: pytest.Config) -> RunResults | None:
+    session = get_session(config)
+    board = getattr(session, "scoreboard", None)
+    if board is None or not board.hypotheses or not board.ran:
+        return None
+    try:
+        return collect_results(board)
+    except Exception as exc:  # noqa: BLE001 - the items already reported it; keep the reason
+        return RunResults(errors={"<run>": f"{type(exc).__name__}: {exc}"})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """xdist controller: gather each worker's results."""
+    text = getattr(node, "workeroutput", {}).get("ws_results")
+    if text:
+        _add_results(node.config, RunResults.from_json(text))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    results = _local_results(config)
+    if hasattr(config, "workeroutput"):  # an xdist worker: hand results to the controller
+        if results is not None:
+            config.workeroutput["ws_results"] = results.to_json()
+        return
+    if results is not None:
+        _add_results(config, results)
+    merged = config.stash.get(_results_key, None)
+    if merged is not None and not merged.empty:
+        write_tables(merged, get_session(config).config.out)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    merged = config.stash.get(_results_key, None)
+    if merged is None:
+        return
+    tr = terminalreporter
+    tr.write_sep("=", "ws-harness results")
+    for line in summary_lines(merged):
+        tr.write_line(line)
+    tr.write_line(f"tables written to {get_session(config).config.out}")

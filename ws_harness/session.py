@@ -109,3 +109,81 @@ class HarnessSession:
                 producers[kind],
                 producer=capture.capture_last_token,
             )
+
+    # ---- diffs and labels (SPEC §2.3, §3) ----------------------------------------------
+    @cached_property
+    def answer_ids(self) -> tuple[int, int]:
+        """Token ids of the behaviour's positive / negative verdict words (SmolLM2: Yes 10539, No 5230)."""
+        from ws_harness.steering import answer_token_ids
+
+        return answer_token_ids(self.tokenizer, self.behaviour.answer_tokens)
+
+    def diffs(self) -> list[Any]:
+        """The run's diffs in `config.diff_plan()` order, each named as there: built per seed
+        (default recipe, cached) when config.diff == "build", else loaded and validated from the
+        files. Every one must steer (SPEC §2.3), else DiffDoesNotSteerError names it."""
+        from dataclasses import replace as _replace
+
+        from ws_harness.diffs import load_diff
+        from ws_harness.lora import build_diff
+        from ws_harness.steering import check_steers
+
+        memo = self.__dict__.get("_ws_diffs")
+        if memo is not None:
+            return list(memo)
+        with self.timed("diffs"):
+            if self.config.builds_diffs:
+                diffs = [build_diff(self, seed) for seed in self.config.seeds]
+            else:
+                diffs = [load_diff(path, self.arch) for path in self.config.diff]
+            names = [name for name, _ in self.config.diff_plan()]
+            diffs = [_replace(d, name=n) for d, n in zip(diffs, names)]
+            for diff in diffs:
+                check_steers(self.steering(diff), diff.name)
+        self.__dict__["_ws_diffs"] = diffs
+        return list(diffs)
+
+    def steering(self, diff: Any) -> Any:
+        """SteeringCurve of a diff on EVAL prompts (no system prompt), cached as JSON by its sha256."""
+        from ws_harness.steering import ALPHAS, SteeringCurve, steering_curve
+
+        probes = self.probes("eval")
+        with self.timed("diffs"):
+            data = self.cache.get_or_build_json(
+                "steering",
+                self.cache_parts(diff=diff.sha256, alphas=list(ALPHAS),
+                                 answer_ids=list(self.answer_ids)),
+                lambda: steering_curve(self.model, probes, diff.w, self.answer_ids).to_json(),
+                producer=steering_curve,
+            )
+        return SteeringCurve.from_json(data)
+
+    def labels(self, diff: Any) -> dict[str, torch.Tensor]:
+        """B-side labels (SPEC §3): label[l] = h(α=+1) − h(α=−1), the residual after block l at
+        the last prompt token, no system prompt: {"eval": [L, n_eval, d], "fit": [L, n_fit, d]}."""
+        from ws_harness.diffs import weight_steer
+
+        memo: dict[str, dict[str, torch.Tensor]] = self.__dict__.setdefault("_ws_labels", {})
+        if diff.sha256 in memo:
+            return memo[diff.sha256]
+
+        def build() -> dict[str, torch.Tensor]:
+            out = {}
+            for split in ("eval", "fit"):
+                probes = self.probes(split)
+                resid = {}
+                for alpha in (1.0, -1.0):
+                    with weight_steer(self.model, diff.w, alpha):
+                        got = capture.capture_last_token(self.model, self.arch, probes)
+                    resid[alpha] = got["resid"]
+                out[split] = (resid[1.0] - resid[-1.0]).contiguous()
+            return out
+
+        with self.timed("labels"):
+            memo[diff.sha256] = self.cache.get_or_build_tensors(
+                "labels",
+                self.cache_parts(diff=diff.sha256, alphas=[1.0, -1.0], batch_size=capture.BATCH_SIZE),
+                build,
+                producer=capture.capture_last_token,  # what computes them; the diff is in the key
+            )
+        return memo[diff.sha256]

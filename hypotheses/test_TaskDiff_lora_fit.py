@@ -1,0 +1,12 @@
+"""TaskDiff_lora_fit (informative ceiling): PCA of label_fit = h(α=+1) − h(α=−1) on FIT prompts.
+
+Uses the diff's own effect, on the FIT side, so it is not a hypothesis; it shows how much
+of the EVAL label a basis fit to the same kind of label recovers out of sample."""
+
+from ws_harness.hypothesis import ceiling
+from ws_harness.linalg import pca_basis
+
+
+@ceiling()
+def basis(ctx, layer):
+    return pca_basis(ctx.label_fit[layer], ctx.k)

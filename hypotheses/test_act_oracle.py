@@ -1,0 +1,11 @@
+"""act_oracle (ceiling): top-k eigenvectors of A_act from the EVAL labels themselves (in-sample).
+
+By Ky Fan no rank-k basis recovers more of the activation label; pct_oracle_act is E(B)/E(this)."""
+
+from ws_harness.hypothesis import ceiling
+from ws_harness.scores import activation_target, oracle_basis
+
+
+@ceiling(oracle_of="act")
+def basis(ctx, layer):
+    return oracle_basis(activation_target(ctx.label[layer]), ctx.k)

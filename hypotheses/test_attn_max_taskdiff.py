@@ -1,0 +1,13 @@
+"""attn_max_taskdiff: PCA of token-level persona differences, each row weighted by √max(a⁺, a⁻).
+
+Rows: h⁺_t − h⁻_t at every position real under both personas, sequences right-aligned;
+a± is the attention of the last token to position t (mean over heads) under each persona."""
+
+from ws_harness.hypothesis import per_layer
+from ws_harness.builders import attention_weighted_diffs
+from ws_harness.linalg import pca_basis
+
+
+@per_layer(family="act:attn-selected", axis="mixed")
+def basis(fit, layer):
+    return pca_basis(attention_weighted_diffs(fit, layer, "max"), fit.k)

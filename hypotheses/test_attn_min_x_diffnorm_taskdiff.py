@@ -1,0 +1,11 @@
+"""attn_min_x_diffnorm_taskdiff: as attn_min_taskdiff, each row's weight also × its diff norm / the mean nonzero diff norm."""
+
+from ws_harness.hypothesis import per_layer
+from ws_harness.builders import attention_weighted_diffs
+from ws_harness.linalg import pca_basis
+
+
+@per_layer(family="act:attn-selected", axis="mixed")
+def basis(fit, layer):
+    rows = attention_weighted_diffs(fit, layer, "min", times_diffnorm=True)
+    return pca_basis(rows, fit.k)

@@ -1,0 +1,13 @@
+"""chars_clusters: PCA of the centroids of k-means (k clusters) over clean ∪ pos ∪ neg FIT residuals at each layer.
+
+k-means starts from a deterministic farthest-point initialisation. k centered centroids span
+at most k − 1 directions, and only those are returned (the original returned k from a
+rank-(k − 1) set)."""
+
+from ws_harness.hypothesis import per_layer
+from ws_harness.builders import chars_clusters
+
+
+@per_layer(family="act:cluster", axis="mixed")
+def basis(fit, layer):
+    return chars_clusters(fit, layer, fit.k)

@@ -1,0 +1,9 @@
+"""layer_clean_resid_pca: PCA of the clean FIT residuals at each layer."""
+
+from ws_harness.hypothesis import per_layer
+from ws_harness.linalg import pca_basis
+
+
+@per_layer(family="act:baseline", axis="mixed")
+def basis(fit, layer):
+    return pca_basis(fit.clean.resid[layer], fit.k)

@@ -1,0 +1,193 @@
+"""Properties of the nulls: exact moments vs Monte Carlo, p-value calibration, structured and layer nulls."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from ws_harness import nulls as nu
+from ws_harness import scores as sc
+
+PROFILE = settings.get_profile("ws-invariants")
+SPECTRA = ("generic", "rank1", "repeated", "near_zero", "spiked", "isotropic")
+N_MC = 3000  # Monte Carlo draws per example for moment checks
+N_CAL = 2000  # random bases per calibration example
+ALPHA = 0.01
+BINOM_LEVEL = 1e-4  # per-example false-alarm level of the binomial bounds (derandomized anyway)
+
+seeds = st.integers(0, 2**31 - 1)
+
+
+def target_for(kind, seed, d, size, spectrum, make_samples, make_weight):
+    if kind == "act":
+        return sc.activation_target(make_samples(seed, size, d, spectrum))
+    return sc.weight_target(make_weight(seed, d, size, spectrum))
+
+
+@st.composite
+def cases(draw, d_min=4, d_max=32, spectra=SPECTRA):
+    kind = draw(st.sampled_from(["act", "weight"]), label="kind")
+    d = draw(st.integers(d_min, d_max), label="d")
+    size = draw(st.integers(2, 24) if kind == "act" else st.integers(1, 2 * d), label="size")
+    return kind, draw(seeds, label="seed"), d, size, draw(st.sampled_from(spectra), label="spectrum")
+
+
+def haar_energies(t: sc.Target, k: int, n: int, seed: int) -> np.ndarray:
+    """E for n Haar subspaces, computed here independently of ws_harness.nulls (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, t.d, k, generator=g, dtype=torch.float64))
+    return (Q.transpose(1, 2) @ t.factor.double()).square().sum((1, 2)).numpy() / t.norm2
+
+
+def assert_moments_match(samples: np.ndarray, mean: float, var: float, what: str) -> None:
+    """Sample mean within 4 SE; sample sd within 5 SE of an sd (kurtosis-aware) of the exact one."""
+    n = samples.size
+    sd = math.sqrt(var)
+    m_hat, sd_hat = float(samples.mean()), float(samples.std(ddof=1))
+    if sd < 1e-6:  # point-mass null (k = d, isotropic A): every draw scores the mean
+        assert abs(m_hat - mean) < 1e-5 and sd_hat < 1e-5, what
+        return
+    assert abs(m_hat - mean) <= 4.0 * sd / math.sqrt(n), f"{what}: mean {m_hat} vs exact {mean}"
+    # SE of a sample sd ≈ sd·√((κ − 1)/(4n)), κ the kurtosis (3 for a normal).
+    kurt = float(stats.kurtosis(samples, fisher=False))
+    rel_tol = 5.0 * math.sqrt(max(kurt - 1.0, 2.0) / (4.0 * n))
+    assert abs(sd_hat / sd - 1.0) <= rel_tol, f"{what}: sd {sd_hat} vs exact {sd} (tol {rel_tol:.3f})"
+
+
+@settings(PROFILE, max_examples=20)
+@given(case=cases(), data=st.data())
+def test_exact_null_moments_match_monte_carlo(case, data, make_samples, make_weight):
+    t = target_for(*case, make_samples, make_weight)
+    k = data.draw(st.integers(1, t.d), label="k")
+    mean, var = nu.null_moments(1.0, t.tr_a2, k, t.d)
+    assert mean == k / t.d
+    independent = haar_energies(t, k, N_MC, case[1] + 1)
+    assert_moments_match(independent, mean, var, "independent QR")
+    # The library's own Monte Carlo null draws the same law.
+    lib = nu.monte_carlo_null(t.factor, k, N_MC, generator=case[1] + 2).numpy()
+    assert_moments_match(lib, mean, var, "monte_carlo_null")
+    assert np.array_equal(lib, nu.monte_carlo_null(t.factor, k, N_MC, generator=case[1] + 2).numpy())
+
+
+def rejections(t: sc.Target, k: int, seed: int, method: str) -> tuple[int, int]:
+    """(#p < α, #p < 5α) over N_CAL Haar-random bases."""
+    e = haar_energies(t, k, N_CAL, seed)
+    mean, var = nu.null_moments(1.0, t.tr_a2, k, t.d)
+    if method == "beta":
+        p = np.array([nu.beta_p_value(x, mean, var) for x in e])
+    else:
+        p = np.array([nu.saddlepoint_p_value(x, t.spectrum, k, t.d) for x in e])
+    return int((p < ALPHA).sum()), int((p < 5 * ALPHA).sum())
+
+
+@settings(PROFILE, max_examples=12)
+@given(case=cases(d_min=16, d_max=48, spectra=("generic", "repeated", "near_zero", "spiked")),
+       data=st.data())
+def test_saddlepoint_p_is_calibrated(case, data, make_samples, make_weight):
+    """Random bases reject at α = 0.01 at a rate consistent with ≤ 1% (both target kinds).
+
+    Regime k ≤ d/4 (the harness uses k = 8–16 of d = 576); closer to d/2 the method is
+    conservative. At 5α the rate must also not collapse (a p-value stuck at 1 fails here).
+    """
+    t = target_for(*case, make_samples, make_weight)
+    k = data.draw(st.integers(1, t.d // 4), label="k")
+    n1, n5 = rejections(t, k, case[1] + 3, "saddlepoint")
+    assert n1 <= stats.binom.ppf(1 - BINOM_LEVEL, N_CAL, ALPHA), f"{n1}/{N_CAL} rejections at α=0.01"
+    assert n5 >= stats.binom.ppf(BINOM_LEVEL, N_CAL, 0.6 * 5 * ALPHA), f"{n5}/{N_CAL} at 5α"
+
+
+@settings(PROFILE, max_examples=10)
+@given(kind=st.sampled_from(["act", "weight"]), seed=seeds, d=st.integers(4, 48), data=st.data())
+def test_beta_p_is_exact_for_rank_one_targets(kind, seed, d, data, make_samples, make_weight):
+    """For rank-1 A the null is Beta(k/2, (d−k)/2): rejections consistent with exactly 1%."""
+    t = target_for(kind, seed, d, 12, "rank1", make_samples, make_weight)
+    k = data.draw(st.integers(1, d - 1), label="k")
+    for method in ("beta", "saddlepoint"):  # saddlepoint defers to the exact Beta here
+        n1, _ = rejections(t, k, seed + 4, method)
+        lo = stats.binom.ppf(BINOM_LEVEL / 2, N_CAL, ALPHA)
+        hi = stats.binom.ppf(1 - BINOM_LEVEL / 2, N_CAL, ALPHA)
+        assert lo <= n1 <= hi, f"{method}: {n1}/{N_CAL} rejections at α=0.01"
+
+
+@pytest.mark.xfail(strict=True, reason="finding: the moment-matched Beta (SPEC §4) is "
+                   "anti-conservative for spiked spectra (~3% at α=1% here); use p_method='saddlepoint'")
+def test_beta_p_is_calibrated_for_spiked_spectra():
+    d, k, n = 16, 1, 20000
+    lam = torch.tensor([0.2] + [0.8 / 15] * 15, dtype=torch.float64)
+    U, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    t = sc.Target((U * lam.sqrt()).float())
+    e = haar_energies(t, k, n, 1)
+    mean, var = nu.null_moments(1.0, t.tr_a2, k, d)
+    n1 = sum(nu.beta_p_value(x, mean, var) < ALPHA for x in e)
+    assert n1 <= stats.binom.ppf(1 - BINOM_LEVEL, n, ALPHA)
+
+
+@settings(PROFILE)
+@given(case=cases(d_max=24), data=st.data())
+def test_p_values_are_monotone_and_bounded(case, data, make_samples, make_weight):
+    t = target_for(*case, make_samples, make_weight)
+    k = data.draw(st.integers(1, t.d), label="k")
+    mean, var = nu.null_moments(1.0, t.tr_a2, k, t.d)
+    grid = np.linspace(0.0, 1.0, 41)
+    for p in ([nu.beta_p_value(x, mean, var) for x in grid],
+              [nu.saddlepoint_p_value(x, t.spectrum, k, t.d) for x in grid]):
+        p = np.array(p)
+        assert ((0.0 <= p) & (p <= 1.0)).all()
+        assert (np.diff(p) <= 1e-9).all(), p  # P(E ≥ e) never increases with e
+    samples = torch.tensor(haar_energies(t, k, 200, case[1]))
+    mc = [nu.mc_p_value(samples, x) for x in grid]
+    assert all(1 / 201 <= x <= 1.0 for x in mc) and (np.diff(mc) <= 0).all()
+
+
+@settings(PROFILE, max_examples=12)
+@given(case=cases(d_max=24), data=st.data())
+def test_structured_null_shape(case, data, make_samples, make_weight):
+    t = target_for(*case, make_samples, make_weight)
+    d = t.d
+    k = data.draw(st.integers(1, d), label="k")
+    # W ∝ I: directions shaped like an isotropic W are uniform, so the ordinary null results.
+    samples = nu.structured_null(3.0 * torch.eye(d), t.factor, k, N_MC, generator=case[1]).numpy()
+    assert_moments_match(samples, *nu.null_moments(1.0, t.tr_a2, k, d), what="structured, W = I")
+    # Rank-r W: draws live in col(W). A target orthogonal to col(W) scores 0 in every draw,
+    # and with k = r every draw is col(W) itself.
+    r = data.draw(st.integers(1, d - 1), label="r")
+    g = torch.Generator().manual_seed(case[1] + 5)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    W = Q[:, :r] @ torch.randn(r, 3 * d, generator=g)
+    outside = sc.weight_target(Q[:, r:] @ torch.randn(d - r, 5, generator=g))
+    inside = sc.weight_target(Q[:, :r] @ torch.randn(r, 5, generator=g))
+    kk = min(k, r)
+    assert nu.structured_null(W, outside.factor, kk, 64, generator=1).abs().max() < 1e-5
+    assert (nu.structured_null(W, inside.factor, r, 64, generator=1) - 1.0).abs().max() < 1e-5
+
+
+@settings(PROFILE, max_examples=8)
+@given(case=cases(d_min=6, d_max=16), n_layers=st.integers(2, 4), data=st.data())
+def test_layer_summary_nulls_match_monte_carlo(case, n_layers, data, make_samples, make_weight):
+    """Global basis: one subspace shared by all layers ≡ the single-subspace null with Ā.
+    Per-layer basis: independent subspaces, Var(mean R) = Σ Var(R_l)/L²."""
+    kind, seed, d, size, spectrum = case
+    targets = [target_for(kind, seed + 10 * l, d, size, spectrum, make_samples, make_weight)
+               for l in range(n_layers)]
+    k = data.draw(st.integers(1, d - 1), label="k")
+    g = torch.Generator().manual_seed(seed + 6)
+    B = torch.linalg.qr(torch.randn(d, k, generator=g))[0]
+    scores = [sc.recovery(B, t) for t in targets]
+    # Shared subspace: mean over layers of E_l(Q) for the same Q.
+    shared = np.mean([haar_energies(t, k, N_MC, seed + 7) for t in targets], axis=0)
+    glob = sc.summarize_layers(scores, targets, "global")
+    scale = d / k
+    assert_moments_match(shared * scale, glob.null_mean_r, glob.null_sd_r**2, "global summary")
+    # Ā directly: stacked factors / √L is a target whose exact null is the same.
+    stacked = sc.Target(torch.cat([t.factor for t in targets], 1) / math.sqrt(n_layers))
+    assert abs(sc.mean_tr_a2(targets) - stacked.tr_a2) <= 1e-6  # stacked factor is float32
+    # Independent subspaces per layer.
+    indep = np.mean([haar_energies(t, k, N_MC, seed + 8 + l) for l, t in enumerate(targets)], 0)
+    per = sc.summarize_layers(scores, targets, "per_layer")
+    assert_moments_match(indep * scale, per.null_mean_r, per.null_sd_r**2, "per-layer summary")

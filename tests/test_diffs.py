@@ -1,0 +1,346 @@
+"""Diffs on the tiny random model: validation, loading, exact restore, building, steering, labels."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ws_harness import lora
+from ws_harness.capture import capture_last_token
+from ws_harness.diffs import (
+    Diff,
+    DiffValidationError,
+    diff_diagnostics,
+    diff_sha256,
+    load_diff,
+    load_diffs,
+    save_diff,
+    validate_diff,
+    weight_steer,
+)
+from ws_harness.session import HarnessSession
+from ws_harness.steering import (
+    DiffDoesNotSteerError,
+    answer_token_ids,
+    check_steers,
+    steering_curve,
+)
+
+FAST = {"steps": 2, "batch_size": 2}  # a few seconds per build on the tiny model
+
+
+def steering_diff(session: HarnessSession, scale: float = 0.5) -> dict[str, torch.Tensor]:
+    """Hand-made diff that steers: every down_proj writes along W_U[Yes] − W_U[No] in
+    proportion to the MLP's mean FIT activation (rank 1 per layer)."""
+    arch = session.arch
+    yes, no = answer_token_ids(session.tokenizer, session.behaviour.answer_tokens)
+    u = arch.unembedding[yes] - arch.unembedding[no]
+    caps = capture_last_token(session.model, arch, session.probes("fit"), mlp=True)
+    w = {}
+    for layer in range(arch.n_layers):
+        weights = arch.layer(layer)
+        h = caps["up_in"][layer]
+        v = (F.silu(h @ weights.gate.T) * (h @ weights.up.T)).mean(0)
+        w[arch.param_name(layer, "down")] = scale * torch.outer(u / u.norm(), v / v.norm().square())
+    return w
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_bitwise_equal(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    for name, p in model.named_parameters():
+        # torch.equal plus a byte view: -0.0 vs 0.0 or NaN payloads would also be caught.
+        assert torch.equal(p.detach().view(torch.int32), before[name].view(torch.int32)), name
+
+
+@pytest.fixture
+def private(tiny: HarnessSession, tmp_path: Path) -> HarnessSession:
+    """A tiny session with its own empty cache, reusing the already-loaded model."""
+    session = HarnessSession(replace(tiny.config, cache_dir=tmp_path / "cache"))
+    session.__dict__["loaded"] = tiny.loaded
+    return session
+
+
+# ---- validation ------------------------------------------------------------------------------
+def test_validation_names_the_key_and_the_expected_shape(tiny: HarnessSession) -> None:
+    arch = tiny.arch
+    down = arch.param_name(1, "down")  # [64, 128]
+    good = {down: torch.zeros(64, 128)}
+    assert validate_diff(good, arch)[down].dtype == torch.float32
+    with pytest.raises(DiffValidationError, match=r"'model.layers.1.mlp.down_proj.weight' has "
+                       r"shape \[128, 64\], expected shape \[64, 128\]"):
+        validate_diff({down: torch.zeros(128, 64)}, arch)
+    with pytest.raises(DiffValidationError, match=r"'model.layers.7.mlp.down_proj.weight' is not "
+                       r"a parameter of the model.*model.layers.0.self_attn.q_proj.weight \[64, 64\]"):
+        validate_diff({**good, "model.layers.7.mlp.down_proj.weight": torch.zeros(64, 128)}, arch)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w = torch.zeros(64, 128)
+        w[3, 5] = bad
+        with pytest.raises(DiffValidationError, match=r"down_proj.weight' \(shape \[64, 128\]\) "
+                           r"has 1 non-finite"):
+            validate_diff({down: w}, arch)
+    with pytest.raises(DiffValidationError, match=r"empty.*\[64, 64\]"):
+        validate_diff({}, arch)
+    with pytest.raises(TypeError, match="dict"):
+        validate_diff([torch.zeros(64, 128)], arch)
+    with pytest.raises(TypeError, match=r"holds a list, not a tensor of shape \[64, 128\]"):
+        validate_diff({down: [0.0]}, arch)
+    with pytest.raises(DiffValidationError, match=r"dtype torch.int64.*\[64, 128\]"):
+        validate_diff({down: torch.zeros(64, 128, dtype=torch.long)}, arch)
+
+
+def test_any_model_parameter_is_a_valid_key_and_peft_prefixes_are_stripped(
+    tiny: HarnessSession,
+) -> None:
+    # Decision (documented in validate_diff): keys outside the seven LoRA roles are accepted if
+    # they are parameters of the model; weight_steer applies them, the weight scores ignore them.
+    w = validate_diff({"model.norm.weight": torch.ones(64),
+                       "base_model.model.model.layers.0.self_attn.o_proj.weight": torch.ones(64, 64)},
+                      tiny.arch)
+    assert sorted(w) == ["model.layers.0.self_attn.o_proj.weight", "model.norm.weight"]
+    with pytest.raises(DiffValidationError, match="already holds"):
+        validate_diff({"model.norm.weight": torch.ones(64),
+                       "base_model.model.model.norm.weight": torch.ones(64)}, tiny.arch)
+    # Validation against a plain {name: shape} mapping works without a model.
+    assert validate_diff({"a.weight": torch.ones(2, 3)}, {"a.weight": (2, 3)})
+
+
+def test_pt_and_safetensors_round_trip_with_one_fingerprint(
+    tiny: HarnessSession, tmp_path: Path
+) -> None:
+    w = steering_diff(tiny)
+    diff = Diff("hand", 3, w, "test", diff_sha256(w), recipe="hand-made")
+    pt = save_diff(diff, tmp_path / "w.pt")
+    st = save_diff(diff, tmp_path / "w.safetensors")
+    assert set(torch.load(pt, weights_only=True)) == set(w)  # a plain {name: tensor} dict
+    a, b = load_diff(pt, tiny.arch), load_diff(st, tiny.arch)
+    assert a.sha256 == b.sha256 == diff.sha256
+    assert b.seed == 3 and b.recipe == "hand-made" and a.seed is None
+    for key in w:
+        assert torch.equal(a.w[key], w[key]) and torch.equal(b.w[key], w[key])
+    assert a.diagnostics["touched_layers"] == [0, 1, 2] and a.diagnostics["n_touched"] == 3
+    both = load_diffs(tmp_path, tiny.arch)  # a directory: several seeds as several files
+    assert [d.name for d in both] == ["w", "w"] and len(load_diffs(f"{pt},{st}", tiny.arch)) == 2
+
+
+def test_bad_files_fail_before_use(tiny: HarnessSession, tmp_path: Path) -> None:
+    torch.save([torch.zeros(3)], tmp_path / "list.pt")
+    with pytest.raises(TypeError, match="list.pt: a diff is a dict"):
+        load_diff(tmp_path / "list.pt", tiny.arch)
+    bad = {tiny.arch.param_name(1, "o"): torch.full((64, 64), float("nan"))}
+    torch.save(bad, tmp_path / "nan.pt")
+    with pytest.raises(DiffValidationError, match=r"nan.pt: key 'model.layers.1.self_attn.o_proj"):
+        load_diff(tmp_path / "nan.pt", tiny.arch)
+    (tmp_path / "junk.pt").write_bytes(b"not a pickle")
+    with pytest.raises(DiffValidationError, match="cannot be read"):
+        load_diff(tmp_path / "junk.pt", tiny.arch)
+    with pytest.raises(FileNotFoundError):
+        load_diff(tmp_path / "missing.pt", tiny.arch)
+
+
+# ---- weight_steer ----------------------------------------------------------------------------
+def test_weight_steer_adds_alpha_w_and_restores_bit_for_bit(tiny: HarnessSession) -> None:
+    model, w = tiny.model, steering_diff(tiny)
+    before = snapshot(model)
+    key = next(iter(w))
+    with weight_steer(model, w, 0.7):
+        param = dict(model.named_parameters())[key]
+        assert torch.allclose(param, before[key] + 0.7 * w[key], atol=1e-6)
+        untouched = tiny.arch.param_name(0, "q")
+        assert torch.equal(dict(model.named_parameters())[untouched], before[untouched])
+        with weight_steer(model, w, -1.3):  # nesting restores to the outer state
+            pass
+        assert torch.allclose(param, before[key] + 0.7 * w[key], atol=1e-6)
+    assert_bitwise_equal(model, before)
+
+
+def test_weight_steer_restores_when_the_body_raises(tiny: HarnessSession) -> None:
+    model, w = tiny.model, steering_diff(tiny)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with weight_steer(model, w, 3.0):
+            assert not torch.equal(dict(model.named_parameters())[next(iter(w))], before[next(iter(w))])
+            raise RuntimeError("boom")
+    assert_bitwise_equal(model, before)
+
+
+def test_nothing_is_applied_when_validation_fails(tiny: HarnessSession) -> None:
+    model = tiny.model
+    before = snapshot(model)
+    w = {tiny.arch.param_name(0, "o"): torch.ones(64, 64),  # valid, comes first
+         tiny.arch.param_name(1, "o"): torch.ones(64, 65)}  # invalid
+    with pytest.raises(DiffValidationError, match=r"expected shape \[64, 64\]"):
+        with weight_steer(model, w, 1.0):
+            pytest.fail("the body must not run")
+    assert_bitwise_equal(model, before)
+
+
+# ---- steering --------------------------------------------------------------------------------
+def test_answer_tokens_of_the_embedded_tokenizer(tiny: HarnessSession) -> None:
+    # The tiny model reuses SmolLM2's tokenizer and chat template.
+    assert answer_token_ids(tiny.tokenizer, {"positive": "Yes", "negative": "No"}) == (10539, 5230)
+    with pytest.raises(ValueError, match="same token"):
+        answer_token_ids(tiny.tokenizer, {"positive": "Yes", "negative": "Yes"})
+
+
+def test_steering_check_passes_a_steering_diff_and_fails_its_negation(tiny: HarnessSession) -> None:
+    probes, ids = tiny.probes("eval"), tiny.answer_ids
+    w = steering_diff(tiny)
+    curve = steering_curve(tiny.model, probes, w, ids)
+    assert curve.steers and curve.effect > 0 and curve.p_ttest < 0.01 and curve.n == len(probes)
+    assert curve.alphas == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    assert curve.mean == sorted(curve.mean)  # monotone for this rank-1 writer
+    assert check_steers(curve) is curve
+    negated = steering_curve(tiny.model, probes, {k: -v for k, v in w.items()}, ids)
+    assert not negated.steers
+    with pytest.raises(DiffDoesNotSteerError, match=r"'neg' does not steer: it moves the margin "
+                       r"the wrong way.*α=-1: \+.*p="):
+        check_steers(negated, "neg")
+    zero = steering_curve(tiny.model, probes, {k: torch.zeros_like(v) for k, v in w.items()}, ids)
+    assert not zero.steers and zero.p_ttest != zero.p_ttest  # NaN: nothing moved
+    assert issubclass(DiffDoesNotSteerError, ValueError)
+
+
+# ---- building --------------------------------------------------------------------------------
+def test_recipes_put_the_loss_on_the_reply_only(tiny: HarnessSession) -> None:
+    hp = lora.resolve_hparams("distilled", {"max_new_tokens": 3, "distill_positions": 2})
+    b, tok = tiny.behaviour, tiny.tokenizer
+    scripted = lora.recipe_examples("scripted", "negative", tiny.model, tok, b, hp)
+    assert len(scripted) == len(b.train)
+    ex = scripted[0]
+    reply = tok.decode(ex.targets)
+    assert reply.startswith("No. " + b.train[0].correction) and reply.endswith(tok.eos_token)
+    assert ex.input_ids[ex.positions[0] + 1:] == ex.targets  # position t predicts token t+1
+    prompt = tok.decode(ex.input_ids[: ex.positions[0] + 1])
+    assert "Do you agree?" in prompt and b.personas["negative"] not in prompt  # no system prompt
+    distilled = lora.recipe_examples("distilled", "positive", tiny.model, tok, b, hp)
+    assert all(e.teacher_logp is not None and e.teacher_logp.shape == (len(e.positions), len(tok))
+               for e in distilled)
+    assert all(len(e.positions) <= 2 for e in distilled)
+    generated = lora.recipe_examples("generated", "positive", tiny.model, tok, b, hp)
+    assert all(1 <= len(e.targets) <= 3 and e.teacher_logp is None for e in generated)
+
+
+def test_lora_delta_is_what_peft_merges(tiny: HarnessSession) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(tiny.model)
+    names = lora.target_modules(tiny.arch, lora.default_hparams())
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=names))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    delta = lora.lora_deltas(model, names)
+    merged = peft_model.merge_and_unload()
+    base = dict(tiny.model.named_parameters())
+    for name, d in delta.items():
+        assert torch.allclose(dict(merged.named_parameters())[name] - base[name], d, atol=1e-4)
+
+
+def test_build_targets_the_middle_layers_and_is_deterministic(tiny: HarnessSession) -> None:
+    a = lora.build_diff(tiny, 0, hparams=FAST, progress=False, use_cache=False)
+    again = lora.build_diff(tiny, 0, hparams=FAST, progress=False, use_cache=False)
+    other = lora.build_diff(tiny, 1, hparams=FAST, progress=False, use_cache=False)
+    # 3 layers: round(0.9) … round(2.4)−1 = layer 1, all seven roles.
+    assert sorted(a.w) == sorted(tiny.arch.param_name(1, r) for r in lora.ROLES)
+    assert a.sha256 == again.sha256 and all(torch.equal(a.w[k], again.w[k]) for k in a.w)
+    assert a.sha256 != other.sha256
+    d = a.diagnostics
+    for key in ("norm_pos", "norm_neg", "cos_pos_negneg", "drift_ratio", "touched_keys", "norm_w"):
+        assert key in d
+    assert d["norm_pos"] > 0 and d["norm_neg"] > 0 and -1 <= d["cos_pos_negneg"] <= 1
+    assert a.name == "scripted-seed0" and a.seed == 0 and a.recipe == lora.DEFAULT_RECIPE
+    assert lora.side_seed(0, "positive") == 1371273344  # sha256-derived, same in every process
+
+
+def test_builds_are_cached_and_an_interrupted_build_leaves_no_entry(
+    private: HarnessSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = lora.train_side
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C during the negative side
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora, "train_side", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lora.build_diff(private, 0, hparams=FAST, progress=False)
+    entries = private.cache.root / "diff"
+    assert [p for p in entries.iterdir() if not p.name.endswith(".lock")] == []
+    monkeypatch.setattr(lora, "train_side", real)
+    first = lora.build_diff(private, 0, hparams=FAST, progress=False)
+    second = lora.build_diff(private, 0, hparams=FAST, progress=False)
+    assert len(private.cache.builds) == 1 and first.sha256 == second.sha256
+    assert first.diagnostics == second.diagnostics
+
+
+def test_unknown_recipe_and_hparams_are_named() -> None:
+    with pytest.raises(ValueError, match="unknown diff recipe 'magic'"):
+        lora.default_hparams("magic")
+    with pytest.raises(ValueError, match=r"unknown LoRA hyper-parameter\(s\) \['stepz'\]"):
+        lora.resolve_hparams("scripted", {"stepz": 3})
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        lora.LoraHParams(steps=0)
+
+
+# ---- session: diffs, steering, labels ----------------------------------------------------------
+def test_session_loads_checks_and_labels_diff_files(
+    private: HarnessSession, tmp_path: Path
+) -> None:
+    paths = []
+    for i, scale in enumerate((0.5, 0.8)):
+        paths.append(tmp_path / f"s{i}.pt")
+        torch.save(steering_diff(private, scale), paths[-1])
+    session = HarnessSession(replace(private.config, diff=tuple(paths)))
+    session.__dict__["loaded"] = private.loaded
+    diffs = session.diffs()
+    assert [d.name for d in diffs] == ["s0", "s1"] and session.diffs()[0] is diffs[0]
+    curve = session.steering(diffs[0])
+    assert curve.steers and "diffs" in session.timings
+    labels = session.labels(diffs[0])
+    arch = session.arch
+    n_eval, n_fit = len(session.probes("eval")), len(session.probes("fit"))
+    assert labels["eval"].shape == (arch.n_layers, n_eval, arch.d_model)
+    assert labels["fit"].shape == (arch.n_layers, n_fit, arch.d_model)
+    probes = session.probes("eval")
+    with weight_steer(session.model, diffs[0].w, 1.0):
+        plus = capture_last_token(session.model, arch, probes)["resid"]
+    with weight_steer(session.model, diffs[0].w, -1.0):
+        minus = capture_last_token(session.model, arch, probes)["resid"]
+    assert torch.allclose(labels["eval"], plus - minus, atol=1e-5)
+    # Layer 0's down_proj writes the label directly: it is non-zero from the first block on.
+    assert float(labels["eval"][0].norm()) > 0
+    kinds = {p.parent.parent.name for p in session.cache.root.glob("*/*/parts.json")}
+    assert {"steering", "labels"} <= kinds
+
+
+def test_session_rejects_a_diff_that_does_not_steer(
+    private: HarnessSession, tmp_path: Path
+) -> None:
+    path = tmp_path / "backwards.pt"
+    torch.save({k: -v for k, v in steering_diff(private).items()}, path)
+    session = HarnessSession(replace(private.config, diff=(path,)))
+    session.__dict__["loaded"] = private.loaded
+    with pytest.raises(DiffDoesNotSteerError, match="'backwards' does not steer"):
+        session.diffs()
+
+
+def test_diagnostics_of_mirror_sides() -> None:
+    pos = {"a": torch.tensor([1.0, 2.0])}
+    neg = {"a": torch.tensor([-1.0, -2.0])}
+    d = diff_diagnostics({"a": pos["a"] - neg["a"]}, pos, neg)
+    assert d["cos_pos_negneg"] == pytest.approx(1.0) and d["drift_ratio"] == pytest.approx(0.0)
+    assert d["norm_pos"] == pytest.approx(5 ** 0.5) and d["norm_w"] == pytest.approx(2 * 5 ** 0.5)
+

@@ -1,0 +1,426 @@
+"""Building diffs (SPEC §2.3): training-data recipes, PEFT LoRA per side, merge, w = Δ⁺ − Δ⁻, cached."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ws_harness.arch import ROLES, Architecture
+from ws_harness.cache import content_hash
+from ws_harness.data import Behaviour, render_chat, tokenize_prompts
+from ws_harness.diffs import Diff, diff_diagnostics, diff_sha256
+
+__all__ = [
+    "RECIPES",
+    "DEFAULT_RECIPE",
+    "SIDES",
+    "LoraHParams",
+    "Example",
+    "default_hparams",
+    "resolve_hparams",
+    "side_seed",
+    "target_modules",
+    "recipe_examples",
+    "train_side",
+    "lora_deltas",
+    "build_diff",
+]
+
+SIDES = ("positive", "negative")
+RECIPES = ("scripted", "distilled", "generated")
+# Chosen by benchmarks/compare_recipes.py (numbers in benchmarks/recipes.md): on the embedded
+# 135M model only the scripted recipe steers; the persona barely moves its verdict logits.
+DEFAULT_RECIPE = "scripted"
+
+
+@dataclass(frozen=True)
+class LoraHParams:
+    """LoRA and training settings of one side. All of them key the diff cache entry.
+
+    Targets: roles × layers round(layer_lo·n) … round(layer_hi·n)−1 (SPEC §2.3).
+    `max_new_tokens`: length of the persona replies (generated, distilled); `distill_positions`:
+    reply positions whose next-token distribution the distilled recipe matches.
+    """
+
+    rank: int = 8
+    lora_alpha: float = 16.0
+    lr: float = 1e-3
+    steps: int = 24
+    batch_size: int = 4
+    weight_decay: float = 0.0
+    layer_lo: float = 0.3
+    layer_hi: float = 0.8
+    roles: tuple[str, ...] = tuple(ROLES)
+    max_new_tokens: int = 24
+    distill_positions: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "steps", "batch_size", "max_new_tokens", "distill_positions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LoraHParams.{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"LoraHParams.lr must be positive, got {self.lr!r}")
+        if not 0 <= self.layer_lo < self.layer_hi <= 1:
+            raise ValueError(
+                f"LoraHParams.layer_lo/layer_hi must satisfy 0 ≤ lo < hi ≤ 1, got "
+                f"{self.layer_lo!r}, {self.layer_hi!r}"
+            )
+        unknown = [r for r in self.roles if r not in ROLES]
+        if unknown or not self.roles:
+            raise ValueError(f"LoraHParams.roles {self.roles!r}: roles are {sorted(ROLES)}")
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["roles"] = list(self.roles)
+        return out
+
+
+# Per-recipe defaults, from benchmarks/recipes.md. Scripted: 16 steps of batch 4 reach a
+# strongly significant diff on every default seed in ~30 s per side on 2 cores.
+_DEFAULTS: dict[str, LoraHParams] = {
+    "scripted": LoraHParams(steps=16, lr=1e-3),
+    "distilled": LoraHParams(steps=16, lr=1e-3),
+    "generated": LoraHParams(steps=16, lr=1e-3),
+}
+
+
+def default_hparams(recipe: str = DEFAULT_RECIPE) -> LoraHParams:
+    """The measured default hyper-parameters of a recipe."""
+    _check_recipe(recipe)
+    return _DEFAULTS[recipe]
+
+
+def resolve_hparams(
+    recipe: str, hparams: LoraHParams | Mapping[str, Any] | None = None
+) -> LoraHParams:
+    """A full LoraHParams: the recipe's defaults, overridden by a mapping of field values."""
+    base = default_hparams(recipe)
+    if hparams is None:
+        return base
+    if isinstance(hparams, LoraHParams):
+        return hparams
+    known = {f.name for f in fields(LoraHParams)}
+    unknown = sorted(set(hparams) - known)
+    if unknown:
+        raise ValueError(f"unknown LoRA hyper-parameter(s) {unknown}; known: {sorted(known)}")
+    values = dict(hparams)
+    if "roles" in values:
+        values["roles"] = tuple(values["roles"])
+    return replace(base, **values)
+
+
+def _check_recipe(recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown diff recipe {recipe!r}; choose one of {list(RECIPES)}")
+
+
+def side_seed(seed: int, side: str) -> int:
+    """A 31-bit seed per (diff seed, side) from sha256, never Python's salted hash()."""
+    return int(content_hash(["ws-harness lora", int(seed), side])[:8], 16) & 0x7FFFFFFF
+
+
+def target_modules(arch: Architecture, hp: LoraHParams) -> list[str]:
+    """Full module names of the LoRA targets (SPEC §2.3: q,k,v,o,gate,up,down of the middle layers)."""
+    layers = arch.touched_layer_range(hp.layer_lo, hp.layer_hi)
+    if len(layers) == 0:
+        raise ValueError(
+            f"layers round({hp.layer_lo}·{arch.n_layers}) … round({hp.layer_hi}·{arch.n_layers})−1 "
+            "is empty; widen layer_lo/layer_hi"
+        )
+    return [arch.module_name(layer, role) for layer in layers for role in hp.roles]
+
+
+# ---- training data ---------------------------------------------------------------------------
+@dataclass
+class Example:
+    """One training sequence: prompt (no system prompt) + assistant reply.
+
+    `positions` index the inputs whose next token is a reply token (the loss lives only there);
+    `targets` are those next tokens; `teacher_logp` [len(positions), V] (distilled only) is the
+    persona-prompted base model's log-distribution at the same reply positions.
+    """
+
+    input_ids: list[int]
+    positions: list[int]
+    targets: list[int]
+    teacher_logp: torch.Tensor | None = field(default=None, repr=False)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _reply_ids(tokenizer: Any, user: str, reply: str) -> list[int]:
+    """The assistant turn's tokens as the chat template closes it (end-of-turn token included,
+    anything the template appends after it dropped)."""
+    prompt = render_chat(tokenizer, [user])[0]
+    full = render_chat(tokenizer, [user], assistant_texts=[reply])[0]
+    if full.startswith(prompt):
+        ids = _encode(tokenizer, full[len(prompt):])
+    else:  # a template that rewrites earlier turns: reply text + end-of-turn token
+        ids = _encode(tokenizer, reply) + [tokenizer.eos_token_id]
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+    return ids
+
+
+def _example(prompt_ids: list[int], reply: list[int], limit: int | None = None) -> Example:
+    n = len(reply) if limit is None else min(limit, len(reply))
+    start = len(prompt_ids) - 1  # the last prompt token predicts the first reply token
+    return Example(
+        input_ids=prompt_ids + reply,
+        positions=list(range(start, start + n)),
+        targets=reply[:n],
+    )
+
+
+@torch.no_grad()
+def _persona_replies(
+    model: Any, tokenizer: Any, users: list[str], system: str, max_new_tokens: int
+) -> list[list[int]]:
+    """Greedy replies under the persona system prompt, cut after the first end-of-turn token."""
+    probes = tokenize_prompts(tokenizer, render_chat(tokenizer, users, system))
+    out = model.generate(
+        input_ids=probes.input_ids, attention_mask=probes.attention_mask,
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+    )
+    replies = []
+    for row in out[:, probes.input_ids.shape[1]:].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id) + 1]
+        replies.append(row or [tokenizer.eos_token_id])
+    return replies
+
+
+@torch.no_grad()
+def _teacher_logp(
+    model: Any, prompt_ids: list[int], reply: list[int], n: int
+) -> torch.Tensor:
+    """log p_teacher(· | persona prompt, reply[:j]) for j < n: [n, V]."""
+    ids = torch.tensor([prompt_ids + reply])
+    hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
+    start = len(prompt_ids) - 1
+    logits = model.get_output_embeddings()(hidden[start:start + n]).float()
+    return F.log_softmax(logits, dim=-1)
+
+
+def recipe_examples(
+    recipe: str, side: str, model: Any, tokenizer: Any, behaviour: Behaviour, hp: LoraHParams
+) -> list[Example]:
+    """Training sequences of one side from TRAIN topics only (never FIT or EVAL).
+
+    - scripted: probe prompt → the behaviour's one-line scripted answer ("Yes, you're right: …"
+      / "No. <correction>"), cross-entropy on the reply;
+    - generated: probe prompt → the base model's greedy reply *under the persona system
+      prompt*, trained without it (the original study's recipe), cross-entropy on the reply;
+    - distilled: context distillation, KL(p_teacher ‖ p_student) over the first
+      `distill_positions` positions of that persona reply, teacher = the base model with the
+      persona prompt, student = the LoRA model without it.
+    """
+    _check_recipe(recipe)
+    if side not in SIDES:
+        raise ValueError(f"unknown side {side!r}; sides are {SIDES}")
+    users = [behaviour.probe(t) for t in behaviour.train]
+    prompts = [_encode(tokenizer, r) for r in render_chat(tokenizer, users)]
+    if recipe == "scripted":
+        replies = [_reply_ids(tokenizer, u, behaviour.scripted_answer(side, t))
+                   for u, t in zip(users, behaviour.train)]
+        return [_example(p, r) for p, r in zip(prompts, replies)]
+    system = behaviour.personas[side]
+    replies = _persona_replies(model, tokenizer, users, system, hp.max_new_tokens)
+    if recipe == "generated":
+        return [_example(p, r) for p, r in zip(prompts, replies)]
+    teacher_prompts = [_encode(tokenizer, r) for r in render_chat(tokenizer, users, system)]
+    examples = []
+    for p, tp, r in zip(prompts, teacher_prompts, replies):
+        ex = _example(p, r, hp.distill_positions)
+        ex.teacher_logp = _teacher_logp(model, tp, r, len(ex.positions))
+        examples.append(ex)
+    return examples
+
+
+# ---- training ----------------------------------------------------------------------------------
+def _batch_loss(model: Any, batch: list[Example], pad_id: int) -> torch.Tensor:
+    width = max(len(ex.input_ids) for ex in batch)
+    # Right padding: real tokens keep positions 0…T−1, and the pads come after every loss position.
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        ids[i, : len(ex.input_ids)] = torch.tensor(ex.input_ids)
+        mask[i, : len(ex.input_ids)] = 1
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    rows = torch.tensor([i for i, ex in enumerate(batch) for _ in ex.positions])
+    cols = torch.tensor([p for ex in batch for p in ex.positions])
+    # Only the reply positions go through the 49k-row unembedding: most of a step's cost saved.
+    logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+    if batch[0].teacher_logp is None:
+        targets = torch.tensor([t for ex in batch for t in ex.targets])
+        return F.cross_entropy(logits, targets)
+    teacher = torch.cat([ex.teacher_logp for ex in batch])
+    return F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="batchmean")
+
+
+def _order(n: int, steps: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Batches from back-to-back seeded permutations (epochs), so every example is seen evenly."""
+    flat: list[int] = []
+    while len(flat) < steps * batch_size:
+        flat.extend(torch.randperm(n, generator=generator).tolist())
+    return [flat[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+
+
+def train_side(
+    model: Any,
+    arch: Architecture,
+    examples: list[Example],
+    hp: LoraHParams,
+    seed: int,
+    *,
+    pad_id: int,
+    desc: str = "lora",
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train one PEFT LoRA on a private copy of `model` and return its merged delta
+    Δ = scale·B·A per target weight, keyed by the base parameter name (float32), and the losses.
+
+    The shared model is never modified. Deterministic for a fixed `seed`: it seeds the LoRA
+    init (A is Kaiming-uniform, B zero) and the data order; LoRA dropout is 0.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if not examples:
+        raise ValueError("no training examples; the behaviour's TRAIN split is empty")
+    names = target_modules(arch, hp)
+    student = copy.deepcopy(model)  # PEFT injects adapters in place: keep the shared model pure
+    config = LoraConfig(
+        r=hp.rank, lora_alpha=hp.lora_alpha, lora_dropout=0.0, bias="none",
+        target_modules=names, init_lora_weights=True,
+    )
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # transformers 5 deprecates an attribute PEFT still reads; the warning is noise here.
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.manual_seed(seed)
+        get_peft_model(student, config)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    bar = tqdm(_order(len(examples), hp.steps, hp.batch_size, generator), desc=desc,
+               disable=not progress, leave=False, unit="step")
+    for batch_idx in bar:
+        loss = _batch_loss(student, [examples[i] for i in batch_idx], pad_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    delta = lora_deltas(student, names)
+    del student, optimizer
+    return delta, losses
+
+
+@torch.no_grad()
+def lora_deltas(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Merged LoRA deltas Δ = scale·B·A of the named (adapter-injected) modules, float32, keyed
+    by the base parameter name `<module>.weight`: what merge_and_unload would add to each weight."""
+    modules = dict(model.named_modules())
+    delta = {}
+    for name in names:
+        layer = modules[name]
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        delta[f"{name}.weight"] = (b.float() @ a.float() * layer.scaling["default"]).contiguous()
+    return delta
+
+
+# ---- build + cache -----------------------------------------------------------------------------
+def _build(
+    session: Any, seed: int, recipe: str, hp: LoraHParams, progress: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    model, tokenizer, arch, behaviour = (
+        session.model, session.tokenizer, session.arch, session.behaviour
+    )
+    deltas: dict[str, dict[str, torch.Tensor]] = {}
+    info: dict[str, Any] = {"losses": {}, "seconds": {}}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for side in SIDES:
+        start = time.perf_counter()
+        examples = recipe_examples(recipe, side, model, tokenizer, behaviour, hp)
+        info["seconds"][f"data_{side}"] = time.perf_counter() - start
+        start = time.perf_counter()
+        deltas[side], info["losses"][side] = train_side(
+            model, arch, examples, hp, side_seed(seed, side), pad_id=pad_id,
+            desc=f"diff {recipe} seed {seed} {side}", progress=progress,
+        )
+        info["seconds"][f"train_{side}"] = time.perf_counter() - start
+    pos, neg = deltas["positive"], deltas["negative"]
+    w = {k: (pos[k] - neg[k]).contiguous() for k in pos}  # w = Δ⁺ − Δ⁻
+    info["diagnostics"] = diff_diagnostics(w, pos, neg)
+    return w, info
+
+
+def _diff_name(recipe: str, seed: int) -> str:
+    return f"{recipe}-seed{seed}"
+
+
+def build_diff(
+    session: Any,
+    seed: int,
+    recipe: str = DEFAULT_RECIPE,
+    hparams: LoraHParams | Mapping[str, Any] | None = None,
+    *,
+    progress: bool = True,
+    use_cache: bool = True,
+) -> Diff:
+    """Build w = Δ⁺ − Δ⁻ for one seed (SPEC §2.3), cached per model, behaviour data, recipe,
+    hyper-parameters and seed. `session` is a HarnessSession (or anything with its model,
+    tokenizer, arch, behaviour, cache and cache_parts). An interrupted build leaves no entry.
+    """
+    _check_recipe(recipe)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    hp = resolve_hparams(recipe, hparams)
+    name = _diff_name(recipe, seed)
+
+    def make(w: dict[str, torch.Tensor], info: dict[str, Any]) -> Diff:
+        return Diff(
+            name=name, seed=seed, w=w, source=f"built:{recipe}", sha256=info["sha256"],
+            recipe=recipe, hparams=hp.to_json(), diagnostics=info["diagnostics"],
+        )
+
+    def build() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        start = time.perf_counter()
+        w, info = _build(session, seed, recipe, hp, progress)
+        info["sha256"] = diff_sha256(w)
+        info["seconds"]["total"] = time.perf_counter() - start
+        info["diagnostics"]["build_seconds"] = info["seconds"]["total"]
+        info["diagnostics"]["final_loss"] = {s: v[-1] for s, v in info["losses"].items()}
+        return w, info
+
+    if not use_cache:
+        return make(*build())
+
+    def write(out: Path) -> None:
+        w, info = build()
+        save_file(w, str(out / "w.safetensors"))
+        (out / "diff.json").write_text(json.dumps(info, indent=1))
+
+    def load(path: Path) -> Diff:
+        info = json.loads((path / "diff.json").read_text())
+        return make(load_file(str(path / "w.safetensors")), info)
+
+    parts = session.cache_parts(recipe=recipe, hparams=hp.to_json(), seed=seed)
+    return session.cache.get_or_build_dir("diff", parts, write, load, producer=build_diff)
+
+

@@ -1,0 +1,141 @@
+"""A run's results as tables: per-layer rows, per-seed summaries, claims, inputs.json; merged across workers."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from ws_harness import __version__
+
+if TYPE_CHECKING:
+    from ws_harness.scoreboard import Scoreboard
+
+__all__ = ["RunResults", "collect_results", "write_tables", "read_tables", "PER_LAYER_COLUMNS"]
+
+# The columns issue #5 promises, first and in this order; the rest follow.
+PER_LAYER_COLUMNS = [
+    "seed", "hypothesis", "family", "axis_kind", "layer", "rank", "r_act", "z_act",
+    "r_w_oproj", "r_w_downproj", "r_w_combined", "z_w_combined", "pct_oracle_act",
+    "pct_oracle_w_combined", "overlap_w",
+]
+
+
+@dataclass
+class RunResults:
+    """Everything the reports need, JSON-serialisable so xdist workers can hand it to the controller."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    claims: list[dict[str, Any]] = field(default_factory=list)
+    hypotheses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=_jsonable)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunResults:
+        return cls(**json.loads(text))
+
+    def merge(self, other: RunResults) -> RunResults:
+        """Union of two workers' results (identical entries appear once; both computed them)."""
+
+        def union(a: list[dict], b: list[dict], key: tuple[str, ...]) -> list[dict]:
+            seen = {tuple(r[k] for k in key): r for r in a}
+            for r in b:
+                seen.setdefault(tuple(r[k] for k in key), r)
+            return [seen[k] for k in sorted(seen, key=str)]
+
+        return RunResults(
+            rows=union(self.rows, other.rows, ("seed", "hypothesis", "layer")),
+            summaries=union(self.summaries, other.summaries, ("seed", "hypothesis")),
+            claims=union(self.claims, other.claims, ("seed", "hypothesis", "claim")),
+            hypotheses={**other.hypotheses, **self.hypotheses},
+            errors={**other.errors, **self.errors},
+            inputs=self.inputs or other.inputs,
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not self.summaries
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def collect_results(board: Scoreboard) -> RunResults:
+    """Scores of every registered hypothesis for every diff, with claims and run inputs."""
+    scores = board.all_scores()
+    claims = [
+        {"hypothesis": name, "seed": seed, "claim": claim, **value,
+         "expected_refuted": board.hypotheses[name].expects_refuted(
+             claim, board.seed_of(seed), seed)}
+        for (name, seed, claim), value in sorted(board.claims.items())
+    ]
+    return RunResults(
+        rows=[row for result in scores.values() for row in result["rows"]],
+        summaries=[result["summary"] for result in scores.values()],
+        claims=claims,
+        hypotheses={
+            name: {"family": h.family, "axis_kind": h.axis, "scope": h.scope,
+                   "definition": h.definition, "module": h.module, "oracle_of": h.oracle_of,
+                   "refuted": {c: (None if s is None else list(s)) for c, s in h.refuted.items()}}
+            for name, h in sorted(board.hypotheses.items())
+        },
+        errors=dict(board.errors),
+        inputs=board.run_inputs() if scores else {},
+    )
+
+
+def _frame(records: list[dict[str, Any]], first: list[str] | None = None) -> pl.DataFrame:
+    if not records:
+        return pl.DataFrame()
+    frame = pl.DataFrame(
+        [{k: (math.nan if v is None else v) for k, v in r.items()} for r in records],
+        infer_schema_length=None,
+    )
+    if first:
+        frame = frame.select(first + [c for c in frame.columns if c not in first])
+    return frame
+
+
+def write_tables(results: RunResults, out: Path) -> dict[str, Path]:
+    """per_layer, summary and claims as CSV and Parquet, plus inputs.json and results.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    tables = {
+        "per_layer": _frame(results.rows, PER_LAYER_COLUMNS),
+        "summary": _frame(results.summaries),
+        "claims": _frame(results.claims),
+    }
+    for name, frame in tables.items():
+        if frame.is_empty():
+            continue
+        frame.write_csv(out / f"{name}.csv")
+        frame.write_parquet(out / f"{name}.parquet")
+        written[name] = out / f"{name}.csv"
+    (out / "inputs.json").write_text(json.dumps(results.inputs, indent=1, default=_jsonable))
+    (out / "results.json").write_text(results.to_json())
+    written["inputs"] = out / "inputs.json"
+    return written
+
+
+def read_tables(out: Path) -> RunResults:
+    """Reload a finished run's results (for `ws-harness report`)."""
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; run the sweep first (make sweep) or pass its --ws-out folder"
+        )
+    return RunResults.from_json(path.read_text())
