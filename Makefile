@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ws-setup-done
 WORKERS ?= 4
 
-.PHONY: setup sweep test lint bench clean-cache
+.PHONY: setup sweep test snapshot lint clean-cache
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml Makefile
 
 sweep: setup
 	$(BIN)/python -m pytest hypotheses/ -n $(WORKERS)
+
+# Re-record the ranking snapshot of the current configuration (review the diff, then commit).
+snapshot: setup
+	$(BIN)/python -m pytest hypotheses/ -n $(WORKERS) --ws-update-snapshots
 
 test: setup
 	$(BIN)/python -m pytest -n $(WORKERS)

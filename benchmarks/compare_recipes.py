@@ -1,10 +1,10 @@
-"""Measures the diff recipes of SPEC §2.3 on the embedded model: steering curve, p-values, build time.
+"""Measures the diff recipes of SPEC §2.3 on the embedded model: steering, p-values, build time.
 
     .venv/bin/python benchmarks/compare_recipes.py [--seeds 0,1,2] [--runs scripted,generated,...]
 
 A run is a recipe name, optionally with hyper-parameter overrides: `scripted:steps=8,lr=0.002`.
-Builds bypass the cache (cold timings); the model comes from the configured cache. Prints a
-markdown table (the one in benchmarks/recipes.md) and writes the raw numbers as JSON.
+Builds bypass the cache (cold timings); the model comes from the configured cache. Prints one JSON
+row per build as it finishes, then the markdown table of benchmarks/recipes.md.
 """
 
 from __future__ import annotations
@@ -24,12 +24,15 @@ from ws_harness.steering import steering_curve
 __all__ = ["main"]
 
 
-def _parse_run(text: str) -> tuple[str, dict[str, float | int]]:
+def _parse_run(text: str) -> tuple[str, dict[str, float | int | bool]]:
     recipe, _, rest = text.partition(":")
-    overrides: dict[str, float | int] = {}
+    overrides: dict[str, float | int | bool] = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        overrides[key] = int(value) if value.isdigit() else float(value)
+        if value.lower() in ("true", "false"):
+            overrides[key] = value.lower() == "true"
+        else:
+            overrides[key] = int(value) if value.isdigit() else float(value)
     return recipe, overrides
 
 
@@ -40,7 +43,7 @@ def main() -> None:
                         help="';'-separated recipe[:key=value,...] runs")
     parser.add_argument("--model", default=None)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/recipes.json"))
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     session = HarnessSession(resolve_config(Path.cwd(), {"model": args.model}))
@@ -68,8 +71,9 @@ def main() -> None:
             }
             results.append(row)
             print(json.dumps(row), flush=True)
-    args.json.write_text(json.dumps({"model": session.config.model, "threads": args.threads,
-                                     "results": results}, indent=1))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"model": session.config.model, "threads": args.threads,
+                                         "results": results}, indent=1))
     print()
     print("| run | seed | α=−1 | α=−0.5 | α=0 | α=+0.5 | α=+1 | effect | p (t) | p (Wilcoxon) "
           "| steers | build s |")

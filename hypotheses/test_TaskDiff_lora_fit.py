@@ -9,4 +9,6 @@ from ws_harness.linalg import pca_basis
 
 @ceiling()
 def basis(ctx, layer):
+    if not ctx.label_fit[layer].any():
+        return None  # upstream of every touched layer the diff changes nothing
     return pca_basis(ctx.label_fit[layer], ctx.k)

@@ -8,4 +8,6 @@ from ws_harness.scores import activation_target, oracle_basis
 
 @ceiling(oracle_of="act")
 def basis(ctx, layer):
+    if not ctx.label[layer].any():
+        return None  # upstream of every touched layer the diff changes nothing
     return oracle_basis(activation_target(ctx.label[layer]), ctx.k)

@@ -3,8 +3,8 @@
 Rows: h⁺_t − h⁻_t at every position real under both personas, sequences right-aligned;
 a± is the attention of the last token to position t (mean over heads) under each persona."""
 
-from ws_harness.hypothesis import per_layer
 from ws_harness.builders import attention_weighted_diffs
+from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import pca_basis
 
 

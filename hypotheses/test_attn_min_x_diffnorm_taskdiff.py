@@ -1,7 +1,7 @@
 """attn_min_x_diffnorm_taskdiff: as attn_min_taskdiff, each row's weight also × its diff norm / the mean nonzero diff norm."""
 
-from ws_harness.hypothesis import per_layer
 from ws_harness.builders import attention_weighted_diffs
+from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import pca_basis
 
 

@@ -3,12 +3,12 @@
 All three at the broad rank K = 64 (input_super and kv_super of the same layer): what a
 layer writes where neither it, attention's keys/values, nor the unembedding read strongly."""
 
-from ws_harness.hypothesis import per_layer
 from ws_harness.builders import input_super, kv_super, lm_head_read, write_not
+from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import union_basis
 
 
-@per_layer(family="W:write-not-read", axis="write")
+@per_layer(family="W:write-not-read", axis="write", refuted=["r_w_combined"])
 def basis(fit, layer):
     read = union_basis(input_super(fit, layer, fit.K), kv_super(fit, layer, fit.K),
                        lm_head_read(fit, fit.K))

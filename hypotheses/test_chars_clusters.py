@@ -4,10 +4,10 @@ k-means starts from a deterministic farthest-point initialisation. k centered ce
 at most k − 1 directions, and only those are returned (the original returned k from a
 rank-(k − 1) set)."""
 
-from ws_harness.hypothesis import per_layer
 from ws_harness.builders import chars_clusters
+from ws_harness.hypothesis import per_layer
 
 
-@per_layer(family="act:cluster", axis="mixed")
+@per_layer(family="act:cluster", axis="mixed", refuted=["r_w_combined"])
 def basis(fit, layer):
     return chars_clusters(fit, layer, fit.k)

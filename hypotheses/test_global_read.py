@@ -2,10 +2,10 @@
 
 What the whole model reads most, pooled over every layer and the unembedding."""
 
-from ws_harness.hypothesis import global_basis
 from ws_harness.builders import global_read
+from ws_harness.hypothesis import global_basis
 
 
-@global_basis(family="W:read", axis="read")
+@global_basis(family="W:read", axis="read", refuted=["r_act"])
 def basis(fit):
     return global_read(fit, fit.k)

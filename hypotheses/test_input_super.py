@@ -2,8 +2,8 @@
 
 Everything a layer reads, attention and MLP together."""
 
-from ws_harness.hypothesis import per_layer
 from ws_harness.builders import input_super
+from ws_harness.hypothesis import per_layer
 
 
 @per_layer(family="W:read", axis="read")

@@ -3,8 +3,8 @@
 Rank-detected: directions of input_super lying inside P_K(lm_head_read) are dropped rather
 than kept as noise, so the basis may have fewer than k directions."""
 
-from ws_harness.hypothesis import per_layer
 from ws_harness.builders import input_super, lm_head_read
+from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import remove_subspace
 
 

@@ -4,10 +4,10 @@ P_K: top K = 64 eigenvectors of W_UᵀW_U + Σ_{l' > l} read_gram(l'), where rea
 W_qᵀW_q + W_kᵀW_k + W_vᵀW_v + W_upᵀW_up + W_gateᵀW_gate. Directions a layer writes that no
 later layer (nor the unembedding) reads strongly."""
 
-from ws_harness.hypothesis import per_layer
 from ws_harness.builders import downstream_read, write_not
+from ws_harness.hypothesis import per_layer
 
 
-@per_layer(family="W:write-not-read", axis="write")
+@per_layer(family="W:write-not-read", axis="write", refuted={"r_w_combined": [1, 2]})
 def basis(fit, layer):
     return write_not(fit, layer, downstream_read(fit, layer, fit.K), fit.k)

@@ -2,8 +2,8 @@
 
 What a layer writes outside the K = 64 directions the unembedding reads most."""
 
-from ws_harness.hypothesis import per_layer
 from ws_harness.builders import lm_head_read, write_not
+from ws_harness.hypothesis import per_layer
 
 
 @per_layer(family="W:write-not-read", axis="write")

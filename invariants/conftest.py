@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "ws-invariants",
     derandomize=True,
+    database=None,  # no replay of stored examples: every run tests exactly the same cases
     deadline=None,
     max_examples=25,
     print_blob=True,

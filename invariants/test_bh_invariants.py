@@ -35,4 +35,6 @@ def test_bh_is_monotone_bounded_and_nan_aware(values):
     # NaNs are not counted in m: same as adjusting the finite ones alone, and as scipy.
     assert np.allclose(q, benjamini_hochberg(raw), rtol=0, atol=1e-15)
     if raw.size:
-        assert np.allclose(q, stats.false_discovery_control(raw, method="bh"), rtol=1e-12, atol=1e-15)
+        assert np.allclose(
+            q, stats.false_discovery_control(raw, method="bh"), rtol=1e-12, atol=1e-15
+        )

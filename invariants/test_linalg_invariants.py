@@ -1,4 +1,4 @@
-"""Properties of the subspace helpers: rank detection, orthonormality, and what is removed stays removed."""
+"""Properties of the subspace helpers: rank detection, orthonormality, removal stays removed."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from ws_harness import linalg as la
 
-PROFILE = settings.get_profile("ws-invariants")
+PROFILE = settings(settings.get_profile("ws-invariants"), max_examples=50)  # cheap: more cases
 ORTHO_TOL = 1e-5  # float32 bases: ‖BᵀB − I‖_max after a float64 SVD and a cast
 
 
@@ -29,8 +29,14 @@ seeds = st.integers(0, 2**31 - 1)
 
 
 @settings(PROFILE)
-@given(seed=seeds, n=st.integers(1, 40), d=st.integers(2, 48), rank=st.integers(1, 48),
-       k=st.integers(1, 48), offset=st.booleans())
+@given(
+    seed=seeds,
+    n=st.integers(1, 40),
+    d=st.integers(2, 48),
+    rank=st.integers(1, 48),
+    k=st.integers(1, 48),
+    offset=st.booleans(),
+)
 def test_pca_never_exceeds_data_rank(seed, n, d, rank, k, offset):
     X = low_rank(seed, n, d, rank)
     if offset:  # a shared offset is removed by centering and must not count as a direction

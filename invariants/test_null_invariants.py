@@ -1,4 +1,4 @@
-"""Properties of the nulls: exact moments vs Monte Carlo, p-value calibration, structured and layer nulls."""
+"""Properties of the nulls: exact vs Monte Carlo moments, calibration, structured/layer nulls."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from ws_harness import nulls as nu
 from ws_harness import scores as sc
 
 PROFILE = settings.get_profile("ws-invariants")
+# Same as conftest.SPECTRA (strategies need the list at import time).
 SPECTRA = ("generic", "rank1", "repeated", "near_zero", "spiked", "isotropic")
 N_MC = 3000  # Monte Carlo draws per example for moment checks
-N_CAL = 2000  # random bases per calibration example
+N_CAL = 6000  # random bases per calibration example
 ALPHA = 0.01
 BINOM_LEVEL = 1e-4  # per-example false-alarm level of the binomial bounds (derandomized anyway)
 
@@ -35,7 +36,13 @@ def cases(draw, d_min=4, d_max=32, spectra=SPECTRA):
     kind = draw(st.sampled_from(["act", "weight"]), label="kind")
     d = draw(st.integers(d_min, d_max), label="d")
     size = draw(st.integers(2, 24) if kind == "act" else st.integers(1, 2 * d), label="size")
-    return kind, draw(seeds, label="seed"), d, size, draw(st.sampled_from(spectra), label="spectrum")
+    return (
+        kind,
+        draw(seeds, label="seed"),
+        d,
+        size,
+        draw(st.sampled_from(spectra), label="spectrum"),
+    )
 
 
 def haar_energies(t: sc.Target, k: int, n: int, seed: int) -> np.ndarray:
@@ -57,7 +64,9 @@ def assert_moments_match(samples: np.ndarray, mean: float, var: float, what: str
     # SE of a sample sd ≈ sd·√((κ − 1)/(4n)), κ the kurtosis (3 for a normal).
     kurt = float(stats.kurtosis(samples, fisher=False))
     rel_tol = 5.0 * math.sqrt(max(kurt - 1.0, 2.0) / (4.0 * n))
-    assert abs(sd_hat / sd - 1.0) <= rel_tol, f"{what}: sd {sd_hat} vs exact {sd} (tol {rel_tol:.3f})"
+    assert abs(sd_hat / sd - 1.0) <= rel_tol, (
+        f"{what}: sd {sd_hat} vs exact {sd} (tol {rel_tol:.3f})"
+    )
 
 
 @settings(PROFILE, max_examples=20)
@@ -72,7 +81,25 @@ def test_exact_null_moments_match_monte_carlo(case, data, make_samples, make_wei
     # The library's own Monte Carlo null draws the same law.
     lib = nu.monte_carlo_null(t.factor, k, N_MC, generator=case[1] + 2).numpy()
     assert_moments_match(lib, mean, var, "monte_carlo_null")
-    assert np.array_equal(lib, nu.monte_carlo_null(t.factor, k, N_MC, generator=case[1] + 2).numpy())
+    assert np.array_equal(
+        lib, nu.monte_carlo_null(t.factor, k, N_MC, generator=case[1] + 2).numpy()
+    )
+
+
+def count_below(e: np.ndarray, p_of, alpha: float) -> int:
+    """#{i: p_of(e_i) < alpha} by bisection over sorted e: ~12 p evaluations instead of n.
+
+    Exact because p is non-increasing in e (test_p_values_are_monotone_and_bounded).
+    """
+    e = np.sort(e)
+    lo, hi = 0, e.size  # first index whose p is below alpha
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if p_of(float(e[mid])) < alpha:
+            hi = mid
+        else:
+            lo = mid + 1
+    return int(e.size - lo)
 
 
 def rejections(t: sc.Target, k: int, seed: int, method: str) -> tuple[int, int]:
@@ -80,26 +107,31 @@ def rejections(t: sc.Target, k: int, seed: int, method: str) -> tuple[int, int]:
     e = haar_energies(t, k, N_CAL, seed)
     mean, var = nu.null_moments(1.0, t.tr_a2, k, t.d)
     if method == "beta":
-        p = np.array([nu.beta_p_value(x, mean, var) for x in e])
+        p_of = lambda x: nu.beta_p_value(x, mean, var)  # noqa: E731
     else:
-        p = np.array([nu.saddlepoint_p_value(x, t.spectrum, k, t.d) for x in e])
-    return int((p < ALPHA).sum()), int((p < 5 * ALPHA).sum())
+        p_of = lambda x: nu.saddlepoint_p_value(x, t.spectrum, k, t.d)  # noqa: E731
+    return count_below(e, p_of, ALPHA), count_below(e, p_of, 5 * ALPHA)
 
 
-@settings(PROFILE, max_examples=12)
-@given(case=cases(d_min=16, d_max=48, spectra=("generic", "repeated", "near_zero", "spiked")),
-       data=st.data())
+@settings(PROFILE, max_examples=20)
+@given(
+    case=cases(d_min=16, d_max=48, spectra=("generic", "repeated", "near_zero", "spiked")),
+    data=st.data(),
+)
 def test_saddlepoint_p_is_calibrated(case, data, make_samples, make_weight):
     """Random bases reject at α = 0.01 at a rate consistent with ≤ 1% (both target kinds).
 
-    Regime k ≤ d/4 (the harness uses k = 8–16 of d = 576); closer to d/2 the method is
-    conservative. At 5α the rate must also not collapse (a p-value stuck at 1 fails here).
+    Regime k ≤ d/4 (the harness uses k = 8–16 of d = 576); nearer d/2 the method turns
+    conservative. At 5α the rate must stay within [0.8, 1]·5α: measured 4.4–5.2% over this
+    regime, so a p-value that is miscentred or stuck near 1 fails here.
     """
     t = target_for(*case, make_samples, make_weight)
-    k = data.draw(st.integers(1, t.d // 4), label="k")
+    k = data.draw(st.sampled_from([1, t.d // 8, t.d // 4]), label="k")  # include the edge d/4
     n1, n5 = rejections(t, k, case[1] + 3, "saddlepoint")
-    assert n1 <= stats.binom.ppf(1 - BINOM_LEVEL, N_CAL, ALPHA), f"{n1}/{N_CAL} rejections at α=0.01"
-    assert n5 >= stats.binom.ppf(BINOM_LEVEL, N_CAL, 0.6 * 5 * ALPHA), f"{n5}/{N_CAL} at 5α"
+    assert n1 <= stats.binom.ppf(1 - BINOM_LEVEL, N_CAL, ALPHA), f"{n1}/{N_CAL} rejections at α"
+    lo5 = stats.binom.ppf(BINOM_LEVEL, N_CAL, 0.8 * 5 * ALPHA)
+    hi5 = stats.binom.ppf(1 - BINOM_LEVEL, N_CAL, 5 * ALPHA)
+    assert lo5 <= n5 <= hi5, f"{n5}/{N_CAL} rejections at 5α"
 
 
 @settings(PROFILE, max_examples=10)
@@ -115,12 +147,30 @@ def test_beta_p_is_exact_for_rank_one_targets(kind, seed, d, data, make_samples,
         assert lo <= n1 <= hi, f"{method}: {n1}/{N_CAL} rejections at α=0.01"
 
 
-@pytest.mark.xfail(strict=True, reason="finding: the moment-matched Beta (SPEC §4) is "
-                   "anti-conservative for spiked spectra (~3% at α=1% here); use p_method='saddlepoint'")
+@settings(PROFILE, max_examples=60)
+@given(d=st.integers(2, 600), data=st.data())
+def test_beta_p_matches_the_exact_rank_one_law(d, data):
+    """Rank-1 A (tr A² = 1): E = ‖Bᵀu‖² ~ Beta(k/2, (d−k)/2) exactly, and so is the match."""
+    k = data.draw(st.integers(1, d - 1), label="k")
+    e = data.draw(st.floats(0.0, 1.0), label="e")
+    mean, var = nu.null_moments(1.0, 1.0, k, d)
+    exact = stats.beta(k / 2, (d - k) / 2)
+    assert math.isclose(mean, exact.mean(), rel_tol=1e-12)
+    assert math.isclose(var, exact.var(), rel_tol=1e-9)
+    assert abs(nu.beta_p_value(e, mean, var) - exact.sf(e)) <= 1e-9
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: the moment-matched Beta (SPEC §4) is "
+    "anti-conservative for spiked spectra (~3% at α=1% here); use p_method='saddlepoint'",
+)
 def test_beta_p_is_calibrated_for_spiked_spectra():
     d, k, n = 16, 1, 20000
     lam = torch.tensor([0.2] + [0.8 / 15] * 15, dtype=torch.float64)
-    U, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    U, _ = torch.linalg.qr(
+        torch.randn(d, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    )
     t = sc.Target((U * lam.sqrt()).float())
     e = haar_energies(t, k, n, 1)
     mean, var = nu.null_moments(1.0, t.tr_a2, k, d)
@@ -135,8 +185,10 @@ def test_p_values_are_monotone_and_bounded(case, data, make_samples, make_weight
     k = data.draw(st.integers(1, t.d), label="k")
     mean, var = nu.null_moments(1.0, t.tr_a2, k, t.d)
     grid = np.linspace(0.0, 1.0, 41)
-    for p in ([nu.beta_p_value(x, mean, var) for x in grid],
-              [nu.saddlepoint_p_value(x, t.spectrum, k, t.d) for x in grid]):
+    for p in (
+        [nu.beta_p_value(x, mean, var) for x in grid],
+        [nu.saddlepoint_p_value(x, t.spectrum, k, t.d) for x in grid],
+    ):
         p = np.array(p)
         assert ((0.0 <= p) & (p <= 1.0)).all()
         assert (np.diff(p) <= 1e-9).all(), p  # P(E ≥ e) never increases with e
@@ -173,8 +225,10 @@ def test_layer_summary_nulls_match_monte_carlo(case, n_layers, data, make_sample
     """Global basis: one subspace shared by all layers ≡ the single-subspace null with Ā.
     Per-layer basis: independent subspaces, Var(mean R) = Σ Var(R_l)/L²."""
     kind, seed, d, size, spectrum = case
-    targets = [target_for(kind, seed + 10 * l, d, size, spectrum, make_samples, make_weight)
-               for l in range(n_layers)]
+    targets = [
+        target_for(kind, seed + 10 * l, d, size, spectrum, make_samples, make_weight)
+        for l in range(n_layers)
+    ]
     k = data.draw(st.integers(1, d - 1), label="k")
     g = torch.Generator().manual_seed(seed + 6)
     B = torch.linalg.qr(torch.randn(d, k, generator=g))[0]
@@ -191,3 +245,50 @@ def test_layer_summary_nulls_match_monte_carlo(case, n_layers, data, make_sample
     indep = np.mean([haar_energies(t, k, N_MC, seed + 8 + l) for l, t in enumerate(targets)], 0)
     per = sc.summarize_layers(scores, targets, "per_layer")
     assert_moments_match(indep * scale, per.null_mean_r, per.null_sd_r**2, "per-layer summary")
+
+
+@settings(PROFILE, max_examples=10)
+@given(
+    case=cases(d_min=16, d_max=32, spectra=("generic", "spiked", "repeated")),
+    n_layers=st.integers(2, 4),
+    data=st.data(),
+)
+def test_layer_summary_saddlepoint_p_is_calibrated(case, n_layers, data, make_samples, make_weight):
+    """Summary p-values (what claims are decided on) under the null, global and per-layer bases:
+    rate ≤ 1% at α = 0.01 and within [0.8, 1]·5α at 5α, as for single layers."""
+    kind, seed, d, size, spectrum = case
+    targets = [
+        target_for(kind, seed + 10 * l, d, size, spectrum, make_samples, make_weight)
+        for l in range(n_layers)
+    ]
+    k = data.draw(st.sampled_from([1, d // 8, d // 4]), label="k")
+    B = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed)))[0]
+    scores = [sc.recovery(B, t) for t in targets]
+    per_kind = {
+        "global": np.mean([haar_energies(t, k, N_CAL, seed + 1) for t in targets], 0),
+        "per_layer": np.mean(
+            [haar_energies(t, k, N_CAL, seed + 2 + l) for l, t in enumerate(targets)], 0
+        ),
+    }
+    spectra = [t.spectrum for t in targets]
+    spectrum_bar = sc.mean_spectrum(targets)
+    p_of = {
+        "global": lambda x: nu.saddlepoint_p_value(x, spectrum_bar, k, d),
+        "per_layer": lambda x: nu.layer_mean_saddlepoint_p_value(
+            x * d / k, spectra, [k] * n_layers, d
+        ),
+    }
+    for basis_kind, mean_e in per_kind.items():
+        n1 = count_below(mean_e, p_of[basis_kind], ALPHA)
+        n5 = count_below(mean_e, p_of[basis_kind], 5 * ALPHA)
+        assert n1 <= stats.binom.ppf(1 - BINOM_LEVEL, N_CAL, ALPHA), (basis_kind, n1)
+        lo5 = stats.binom.ppf(BINOM_LEVEL, N_CAL, 0.8 * 5 * ALPHA)
+        assert lo5 <= n5 <= stats.binom.ppf(1 - BINOM_LEVEL, N_CAL, 5 * ALPHA), (basis_kind, n5)
+    # summarize_layers wires the same p-values (observed basis B).
+    for basis_kind in ("global", "per_layer"):
+        summ = sc.summarize_layers(scores, targets, basis_kind, p_method="saddlepoint")
+        if basis_kind == "global":
+            expected = nu.saddlepoint_p_value(summ.mean_e, spectrum_bar, k, d)
+        else:
+            expected = nu.layer_mean_saddlepoint_p_value(summ.mean_r, spectra, [k] * n_layers, d)
+        assert summ.p == expected and summ.p_method == "saddlepoint"

@@ -69,6 +69,8 @@ def write_project(
     (folder / "test_answer_direction.py").write_text(ANSWER.format(refuted=answer_refuted))
 
 
+# The ranking gate has its own tests (test_snapshot_gate.py); here it has no snapshot to meet.
+SWEEP = ("hypotheses", "-p", "no:cacheprovider", "-rA", "--deselect", "ws_ranking")
 ALL_REFUTED = ', refuted=["r_act", "r_w_combined"]'
 
 
@@ -76,7 +78,7 @@ def test_a_dropped_in_file_is_built_scored_claimed_and_ranked(
     pytester: pytest.Pytester, tiny: HarnessSession, tiny_diff_files: list[Path]
 ) -> None:
     write_project(pytester, tiny.config.cache_dir, tiny_diff_files, my_write_refuted=ALL_REFUTED)
-    result = pytester.runpytest_subprocess("hypotheses", "-p", "no:cacheprovider", "-rA")
+    result = pytester.runpytest_subprocess(*SWEEP)
     # W_o of a random model has nothing to do with the diff: its claims are recorded findings.
     result.assert_outcomes(passed=2 + 4, xfailed=4)
     result.stdout.fnmatch_lines_random([
@@ -102,7 +104,7 @@ def test_recorded_findings_fail_when_stale_or_missing(
     # Swap the records: the claims that hold are recorded refuted, the failing ones are not.
     write_project(pytester, tiny.config.cache_dir, tiny_diff_files,
                   answer_refuted=', refuted={"r_act": ["w0", "w1"]}')
-    result = pytester.runpytest_subprocess("hypotheses", "-p", "no:cacheprovider", "-rA")
+    result = pytester.runpytest_subprocess(*SWEEP)
     result.assert_outcomes(passed=2 + 2, failed=4 + 2)
     result.stdout.fnmatch_lines_random([
         "*answer_direction: recorded finding is stale: r_act now holds on w0*",
@@ -120,7 +122,7 @@ def test_broken_hypotheses_fail_alone_and_are_excluded(
             "from ws_harness.hypothesis import per_layer\n\n\n"
             f'@per_layer(family="test", axis="mixed")\ndef basis(fit, layer):\n    {body}\n'
         )
-    result = pytester.runpytest_subprocess("hypotheses", "-p", "no:cacheprovider", "-rA")
+    result = pytester.runpytest_subprocess(*SWEEP)
     # each broken one: basis + 2 claims × 2 diffs fail; the good ones are unaffected
     result.assert_outcomes(passed=6, xfailed=4, failed=5 * 5)
     result.stdout.fnmatch_lines_random([

@@ -26,7 +26,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """argparse tree: `ws-harness diff {build,check}`; a later `report` adds a sibling of `diff`."""
+    """argparse tree: `ws-harness diff {build,check}` and `ws-harness report [OUT]`."""
     from ws_harness.lora import DEFAULT_RECIPE, RECIPES
 
     parser = argparse.ArgumentParser(
@@ -57,7 +57,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("file", type=Path, help="a .pt or .safetensors diff")
     _add_common(check)
+
+    report = commands.add_parser(
+        "report", help="regenerate tables, plots and conclusion.md from a finished run"
+    )
+    report.add_argument("out", nargs="?", type=Path, default=None,
+                        help="the run's output folder (default: the configured --ws-out)")
+    findings = commands.add_parser(
+        "findings", help="print the refuted= record each hypothesis needs, from a finished run"
+    )
+    findings.add_argument("out", nargs="?", type=Path, default=None,
+                          help="the run's output folder (default: the configured --ws-out)")
     return parser
+
+
+def _findings(args: argparse.Namespace) -> int:
+    from ws_harness.config import resolve_config
+    from ws_harness.findings import finding_lines, stale_records
+    from ws_harness.results import read_tables
+
+    out = args.out or resolve_config(Path.cwd(), {}).out
+    results = read_tables(out)
+    for line in finding_lines(results):
+        print(line)
+    stale = stale_records(results)
+    for line in stale:
+        print(f"out of date: {line}")
+    return 1 if stale else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from ws_harness.report import main as report_main
+
+    return report_main([] if args.out is None else [str(args.out)])
 
 
 def _session(args: argparse.Namespace) -> Any:
@@ -83,7 +115,7 @@ def _print_diagnostics(diff: Any) -> None:
 
 def _print_curve(curve: Any) -> None:
     print(f"steering on {curve.n} EVAL prompts: logit(Yes) − logit(No), mean ± sd")
-    for alpha, mean, sd in zip(curve.alphas, curve.mean, curve.sd):
+    for alpha, mean, sd in zip(curve.alphas, curve.mean, curve.sd, strict=True):
         print(f"  α={alpha:+.1f}  {mean:+8.3f} ± {sd:.3f}")
     print(f"  effect(α=+1 − α=−1) {curve.effect:+.3f}; paired one-sided t-test "
           f"t={curve.t:.3g} p={curve.p_ttest:.3g}; Wilcoxon p={curve.p_wilcoxon:.3g}")
@@ -149,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ws_harness.config import ConfigError
 
     args = build_parser().parse_args(argv)
-    handlers = {("diff", "build"): _diff_build, ("diff", "check"): _diff_check}
+    handlers = {("diff", "build"): _diff_build, ("diff", "check"): _diff_check,
+                ("report", None): _report, ("findings", None): _findings}
     try:
         return handlers[(args.command, getattr(args, "diff_command", None))](args)
     except ConfigError as exc:

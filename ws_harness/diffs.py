@@ -1,4 +1,4 @@
-"""Weight-steering diffs w = Δ⁺ − Δ⁻ (SPEC §2.3): loading, validation, saving, diagnostics, weight_steer."""
+"""Weight-steering diffs w = Δ⁺ − Δ⁻ (SPEC §2.3): load, validate, save, diagnose, weight_steer."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ _PEFT_PREFIX = "base_model.model."
 
 
 class DiffValidationError(ValueError):
-    """A diff does not fit the model; the message names the key, what was found and what was expected."""
+    """A diff does not fit the model; the message names the key, the value found and the shape."""
 
 
 @dataclass
@@ -159,7 +159,7 @@ def validate_diff(
 
 
 def diff_sha256(w: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over sorted (key, shape, float32 bytes): the same diff hashes alike in any file format."""
+    """sha256 over sorted (key, shape, float32 bytes): one diff hashes alike in any file format."""
     digest = hashlib.sha256()
     for key in sorted(w):
         tensor = w[key].detach().to(torch.float32).contiguous().cpu()

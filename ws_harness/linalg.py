@@ -1,4 +1,4 @@
-"""Linear-algebra helpers for subspace bases (SPEC §4): orthonormalisation with rank detection, PCA, angles."""
+"""Subspace linear algebra for SPEC §4: rank-detected orthonormal bases, PCA, angles."""
 
 from __future__ import annotations
 
@@ -48,14 +48,16 @@ def _out_dtype(t: Tensor) -> torch.dtype:
 def _check_matrix(M: object, name: str) -> Tensor:
     if not isinstance(M, Tensor):
         raise TypeError(
-            f"{name} must be a torch.Tensor, got {type(M).__name__}; convert it with torch.as_tensor"
+            f"{name} must be a torch.Tensor, got {type(M).__name__}; "
+            "convert it with torch.as_tensor"
         )
     if M.ndim != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(M.shape)}; reshape it to a matrix")
     n_bad = int((~torch.isfinite(M)).sum()) if M.is_floating_point() else 0
     if n_bad:
         raise ValueError(
-            f"{name} has {n_bad} non-finite entries; clean the input (NaN/inf) before building a basis"
+            f"{name} has {n_bad} non-finite entries; "
+            "clean the input (NaN/inf) before building a basis"
         )
     return M
 
@@ -76,7 +78,7 @@ def _check_k(k: int, name: str = "k") -> int:
 
 
 def _n_supported(s: Tensor, rtol: float, atol: float = 0.0) -> int:
-    """Number of singular values (descending ``s``) above ``max(rtol * s_max, atol)``; 0 for a zero matrix."""
+    """Count of singular values (descending ``s``) above ``max(rtol * s_max, atol)``; 0 if all 0."""
     if s.numel() == 0 or float(s[0]) <= 0.0:
         return 0
     thresh = max(rtol * float(s[0]), atol)
@@ -88,7 +90,8 @@ def _left_svd(M: Tensor) -> tuple[Tensor, Tensor]:
     M64 = _f64(M)
     d, m = M64.shape
     if m >= _GRAM_ASPECT * d:
-        # Wide matrix: eigh of the d×d Gram MMᵀ is much cheaper than the SVD; float64 keeps σ² resolvable.
+        # Wide matrix: eigh of the d×d Gram MMᵀ is much cheaper than an SVD;
+        # float64 keeps σ² resolvable down to rtol².
         evals, evecs = torch.linalg.eigh(M64 @ M64.T)
         s = evals.flip(0).clamp_min(0.0).sqrt()
         return evecs.flip(1), s
@@ -117,7 +120,7 @@ def orthonormalize(M: Tensor, rtol: float = DEFAULT_RTOL, *, atol: float = 0.0) 
 
 
 def numerical_rank(M: Tensor, rtol: float = DEFAULT_RTOL) -> int:
-    """Number of singular values of ``M`` above ``rtol * s_max`` (0 for a zero matrix), from float64."""
+    """Number of singular values of ``M`` above ``rtol * s_max`` (0 for a zero matrix), float64."""
     M = _check_matrix(M, "M")
     return _n_supported(_left_svd(M)[1], rtol)
 
@@ -150,7 +153,7 @@ def bottom_right_basis(M: Tensor, k: int) -> Tensor:
     if k > d:
         raise ValueError(f"k={k} exceeds the dimension d={d}; ask for at most {d} directions")
     M64 = _f64(M)
-    # Full eigendecomposition of the d×d Gram MᵀM so that null-space directions (m < d) are included.
+    # Full eigh of the d×d Gram MᵀM, so null-space directions (m < d) are included.
     evals, evecs = torch.linalg.eigh(M64.T @ M64)  # ascending
     return evecs[:, :k].to(device=M.device, dtype=_out_dtype(M)).contiguous()
 
@@ -199,7 +202,7 @@ def remove_subspace(B: Tensor, C: Tensor, rtol: float = DEFAULT_RTOL) -> Tensor:
 
 
 def complement(B: Tensor) -> Tensor:
-    """Orthonormal basis [d, d − r] of the orthogonal complement of span(B), B orthonormal [d, r]."""
+    """Orthonormal basis [d, d − r] of span(B)⊥, for B orthonormal [d, r]."""
     B = _check_matrix(B, "B")
     d, r = B.shape
     if r == 0:
@@ -211,7 +214,7 @@ def complement(B: Tensor) -> Tensor:
 
 
 def union_basis(*Bs: Tensor, rtol: float = DEFAULT_RTOL) -> Tensor:
-    """Orthonormal basis of span(B₁ ∪ B₂ ∪ …), rank detected (overlapping directions counted once)."""
+    """Orthonormal basis of span(B₁ ∪ B₂ ∪ …), rank detected (shared directions counted once)."""
     if not Bs:
         raise ValueError("union_basis needs at least one basis")
     mats = [_check_matrix(B, f"Bs[{i}]") for i, B in enumerate(Bs)]
@@ -219,7 +222,8 @@ def union_basis(*Bs: Tensor, rtol: float = DEFAULT_RTOL) -> Tensor:
     for i, B in enumerate(mats):
         if B.shape[0] != d:
             raise ValueError(
-                f"Bs[{i}] has {B.shape[0]} rows, expected d={d}; all bases must live in the same R^d"
+                f"Bs[{i}] has {B.shape[0]} rows, expected d={d}; "
+                "all bases must live in the same R^d"
             )
     cat = torch.cat([_f64(B) for B in mats], dim=1)
     # Inputs are orthonormal (scale 1), so the absolute floor rtol is what "supported" means.
@@ -228,7 +232,7 @@ def union_basis(*Bs: Tensor, rtol: float = DEFAULT_RTOL) -> Tensor:
 
 
 def principal_angles(B1: Tensor, B2: Tensor) -> Tensor:
-    """Principal angles (radians, ascending) between span(B1) and span(B2), both orthonormal; min(k1, k2) of them."""
+    """The min(k1, k2) principal angles (radians, ascending) between orthonormal B1 and B2."""
     B1 = _check_matrix(B1, "B1")
     B2 = _check_matrix(B2, "B2")
     _check_same_d(B1, B2, "B1", "B2")
@@ -264,7 +268,7 @@ def shared_directions(B1: Tensor, B2: Tensor, min_cos: float = 0.9) -> tuple[Ten
 
 
 def overlap(B: Tensor, B_w: Tensor) -> float:
-    """‖BᵀB_w‖_F² / min(k, k_w): mean cos² of the principal angles, in [0, 1]; NaN if either basis is empty."""
+    """‖BᵀB_w‖_F² / min(k, k_w): mean cos² of the principal angles ∈ [0, 1]; NaN if one is empty."""
     B = _check_matrix(B, "B")
     B_w = _check_matrix(B_w, "B_w")
     _check_same_d(B, B_w, "B", "B_w")
@@ -275,7 +279,9 @@ def overlap(B: Tensor, B_w: Tensor) -> float:
 
 
 def effective_rank(spectrum: Tensor) -> float:
-    """Entropy effective rank (Roy & Vetterli 2007): exp(H(p)), p_i = s_i / Σ s_j on *singular values* s.
+    """Entropy effective rank (Roy & Vetterli 2007): exp(H(p)), p_i = s_i / Σ_j s_j.
+
+    Computed on *singular values* s.
 
     Ranges from 1 (one direction) to the number of nonzero values (flat spectrum);
     0.0 for an all-zero spectrum. Pass eigenvalues of a covariance only if that is the
@@ -315,7 +321,8 @@ def validate_basis(B: object, d: int, name: str = "basis", tol: float = 1e-4) ->
         raise ValueError(f"{name} must be 2-D [d, k], got shape {tuple(B.shape)}")
     if B.shape[0] != d:
         raise ValueError(
-            f"{name} has {B.shape[0]} rows, expected d={d}; a basis is [d_model, k] (did you pass Bᵀ?)"
+            f"{name} has {B.shape[0]} rows, expected d={d}; "
+            "a basis is [d_model, k] (did you pass Bᵀ?)"
         )
     n_bad = int((~torch.isfinite(B)).sum())
     if n_bad:

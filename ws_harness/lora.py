@@ -1,4 +1,4 @@
-"""Building diffs (SPEC §2.3): training-data recipes, PEFT LoRA per side, merge, w = Δ⁺ − Δ⁻, cached."""
+"""Building diffs (SPEC §2.3): training-data recipes, PEFT LoRA per side, merge, w = Δ⁺ − Δ⁻."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ __all__ = [
 SIDES = ("positive", "negative")
 RECIPES = ("scripted", "distilled", "generated")
 # Chosen by benchmarks/compare_recipes.py (numbers in benchmarks/recipes.md): on the embedded
-# 135M model only the scripted recipe steers; the persona barely moves its verdict logits.
+# 135M model only the scripted recipe steers strongly and on every seed; the persona prompts
+# barely move its verdict logits, so distilled diffs do not steer and generated ones only weakly.
 DEFAULT_RECIPE = "scripted"
 
 
@@ -51,6 +52,9 @@ class LoraHParams:
     Targets: roles × layers round(layer_lo·n) … round(layer_hi·n)−1 (SPEC §2.3).
     `max_new_tokens`: length of the persona replies (generated, distilled); `distill_positions`:
     reply positions whose next-token distribution the distilled recipe matches.
+    `paired_init`: both sides start from the same LoRA init and see the topics in the same
+    order (a controlled pair), so what both learn alike cancels in w = Δ⁺ − Δ⁻; with
+    independent inits Δ⁺ and Δ⁻ live in unrelated random row spaces and never cancel.
     """
 
     rank: int = 8
@@ -64,12 +68,15 @@ class LoraHParams:
     roles: tuple[str, ...] = tuple(ROLES)
     max_new_tokens: int = 24
     distill_positions: int = 8
+    paired_init: bool = True
 
     def __post_init__(self) -> None:
         for name in ("rank", "steps", "batch_size", "max_new_tokens", "distill_positions"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LoraHParams.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.paired_init, bool):
+            raise ValueError(f"LoraHParams.paired_init must be a bool, got {self.paired_init!r}")
         if not self.lr > 0:
             raise ValueError(f"LoraHParams.lr must be positive, got {self.lr!r}")
         if not 0 <= self.layer_lo < self.layer_hi <= 1:
@@ -87,8 +94,9 @@ class LoraHParams:
         return out
 
 
-# Per-recipe defaults, from benchmarks/recipes.md. Scripted: 16 steps of batch 4 reach a
-# strongly significant diff on every default seed in ~30 s per side on 2 cores.
+# Per-recipe defaults, from benchmarks/recipes.md. Scripted: 16 steps of batch 4 per side give
+# effects of 11–14 logits (p ≤ 2e-19) on seeds 0–2 in 40–55 s per seed on 2 idle cores. The
+# persona recipes share the settings so that the comparison isolates the training data.
 _DEFAULTS: dict[str, LoraHParams] = {
     "scripted": LoraHParams(steps=16, lr=1e-3),
     "distilled": LoraHParams(steps=16, lr=1e-3),
@@ -127,12 +135,13 @@ def _check_recipe(recipe: str) -> None:
 
 
 def side_seed(seed: int, side: str) -> int:
-    """A 31-bit seed per (diff seed, side) from sha256, never Python's salted hash()."""
+    """A 31-bit seed per (diff seed, side) from sha256, never Python's salted hash().
+    Paired builds use side "paired" for both sides."""
     return int(content_hash(["ws-harness lora", int(seed), side])[:8], 16) & 0x7FFFFFFF
 
 
 def target_modules(arch: Architecture, hp: LoraHParams) -> list[str]:
-    """Full module names of the LoRA targets (SPEC §2.3: q,k,v,o,gate,up,down of the middle layers)."""
+    """Full module names of the LoRA targets (SPEC §2.3: q,k,v,o,gate,up,down, middle layers)."""
     layers = arch.touched_layer_range(hp.layer_lo, hp.layer_hi)
     if len(layers) == 0:
         raise ValueError(
@@ -236,15 +245,15 @@ def recipe_examples(
     prompts = [_encode(tokenizer, r) for r in render_chat(tokenizer, users)]
     if recipe == "scripted":
         replies = [_reply_ids(tokenizer, u, behaviour.scripted_answer(side, t))
-                   for u, t in zip(users, behaviour.train)]
-        return [_example(p, r) for p, r in zip(prompts, replies)]
+                   for u, t in zip(users, behaviour.train, strict=True)]
+        return [_example(p, r) for p, r in zip(prompts, replies, strict=True)]
     system = behaviour.personas[side]
     replies = _persona_replies(model, tokenizer, users, system, hp.max_new_tokens)
     if recipe == "generated":
-        return [_example(p, r) for p, r in zip(prompts, replies)]
+        return [_example(p, r) for p, r in zip(prompts, replies, strict=True)]
     teacher_prompts = [_encode(tokenizer, r) for r in render_chat(tokenizer, users, system)]
     examples = []
-    for p, tp, r in zip(prompts, teacher_prompts, replies):
+    for p, tp, r in zip(prompts, teacher_prompts, replies, strict=True):
         ex = _example(p, r, hp.distill_positions)
         ex.teacher_logp = _teacher_logp(model, tp, r, len(ex.positions))
         examples.append(ex)
@@ -260,7 +269,8 @@ def _batch_loss(model: Any, batch: list[Example], pad_id: int) -> torch.Tensor:
     for i, ex in enumerate(batch):
         ids[i, : len(ex.input_ids)] = torch.tensor(ex.input_ids)
         mask[i, : len(ex.input_ids)] = 1
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     rows = torch.tensor([i for i, ex in enumerate(batch) for _ in ex.positions])
     cols = torch.tensor([p for ex in batch for p in ex.positions])
     # Only the reply positions go through the 49k-row unembedding: most of a step's cost saved.
@@ -334,7 +344,7 @@ def train_side(
 @torch.no_grad()
 def lora_deltas(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """Merged LoRA deltas Δ = scale·B·A of the named (adapter-injected) modules, float32, keyed
-    by the base parameter name `<module>.weight`: what merge_and_unload would add to each weight."""
+    by the base parameter name `<module>.weight`: what merge_and_unload adds to each weight."""
     modules = dict(model.named_modules())
     delta = {}
     for name in names:
@@ -353,14 +363,17 @@ def _build(
     )
     deltas: dict[str, dict[str, torch.Tensor]] = {}
     info: dict[str, Any] = {"losses": {}, "seconds": {}}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
     for side in SIDES:
         start = time.perf_counter()
         examples = recipe_examples(recipe, side, model, tokenizer, behaviour, hp)
         info["seconds"][f"data_{side}"] = time.perf_counter() - start
         start = time.perf_counter()
+        init = side_seed(seed, "paired" if hp.paired_init else side)
         deltas[side], info["losses"][side] = train_side(
-            model, arch, examples, hp, side_seed(seed, side), pad_id=pad_id,
+            model, arch, examples, hp, init, pad_id=pad_id,
             desc=f"diff {recipe} seed {seed} {side}", progress=progress,
         )
         info["seconds"][f"train_{side}"] = time.perf_counter() - start
@@ -401,7 +414,14 @@ def build_diff(
 
     def build() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         start = time.perf_counter()
-        w, info = _build(session, seed, recipe, hp, progress)
+        # One thread, whatever the process: the float reduction order (and so the trained
+        # bits) then does not depend on whether an xdist worker or the CLI built the entry.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            w, info = _build(session, seed, recipe, hp, progress)
+        finally:
+            torch.set_num_threads(threads)
         info["sha256"] = diff_sha256(w)
         info["seconds"]["total"] = time.perf_counter() - start
         info["diagnostics"]["build_seconds"] = info["seconds"]["total"]

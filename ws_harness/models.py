@@ -1,4 +1,4 @@
-"""Model specs → loaded model + tokenizer: the embedded SmolLM2 GGUF, local/HF-cache models, random presets."""
+"""Model specs → loaded model + tokenizer: embedded SmolLM2 GGUF, local or HF-cache models, random presets."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""Random-subspace nulls for E = tr(BᵀAB) (SPEC §4): exact moments, Beta p-values, Monte Carlo and structured nulls."""
+"""Random-subspace nulls for E = tr(BᵀAB) (SPEC §4): exact moments, p-values, sampled nulls."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ __all__ = [
     "null_moments",
     "beta_p_value",
     "saddlepoint_p_value",
+    "layer_mean_saddlepoint_p_value",
     "haar_bases",
     "monte_carlo_null",
     "mc_p_value",
@@ -32,6 +34,9 @@ _CHUNK_FLOATS = 1 << 24
 
 # Below this, a null variance is a point mass up to float64 rounding of tr(A²) − tr(A)²/d.
 _VAR_EPS = 1e-15
+# ‖A − tr(A)·I/d‖_F² = tr(A²) − tr(A)²/d below this (× tr(A)²) is float32 rounding of an
+# isotropic A (~1e-14): the null is then a point mass, and z, p must not read noise.
+_ISOTROPIC_SPREAD = 1e-12
 
 
 def _check_k_d(k: int, d: int) -> None:
@@ -47,11 +52,12 @@ def _check_k_d(k: int, d: int) -> None:
 
 
 def null_moments(tr_a: float, tr_a2: float, k: int, d: int) -> tuple[float, float]:
-    """Exact (mean, var) of E = tr(PA) for P the projector onto a Haar-uniform k-dim subspace of R^d.
+    """Exact (mean, var) of E = tr(PA), P projecting onto a Haar-uniform k-dim subspace of R^d.
 
     E[tr(PA)] = k·tr(A)/d and
     Var[tr(PA)] = 2k(d−k) / (d(d−1)(d+2)) · (tr(A²) − tr(A)²/d), in float64.
-    k = 0, k = d (and d = 1) give var = 0: every subspace scores the same.
+    k = 0, k = d (and d = 1) give var = 0: every subspace scores the same; so does an
+    isotropic A (tr(A²) − tr(A)²/d ≤ 1e-12·tr(A)², i.e. float rounding of A = I/d).
     """
     _check_k_d(k, d)
     tr_a, tr_a2 = float(tr_a), float(tr_a2)
@@ -60,8 +66,10 @@ def null_moments(tr_a: float, tr_a2: float, k: int, d: int) -> tuple[float, floa
     mean = k * tr_a / d
     if k == 0 or k == d:
         return mean, 0.0
-    spread = tr_a2 - tr_a * tr_a / d  # ≥ 0 by Cauchy–Schwarz; clamp rounding
-    var = 2.0 * k * (d - k) / (d * (d - 1.0) * (d + 2.0)) * max(spread, 0.0)
+    spread = tr_a2 - tr_a * tr_a / d  # = ‖A − tr(A)·I/d‖_F² ≥ 0
+    if spread <= _ISOTROPIC_SPREAD * tr_a * tr_a:
+        return mean, 0.0
+    var = 2.0 * k * (d - k) / (d * (d - 1.0) * (d + 2.0)) * spread
     return mean, var
 
 
@@ -89,15 +97,20 @@ def beta_p_value(e_obs: float, mean: float, var: float) -> float:
     return float(stats.beta.sf(e_obs, mean * nu, (1.0 - mean) * nu))
 
 
-def _quadform_tail(w: np.ndarray, nu: np.ndarray, upper: bool) -> float:
-    """P(Q ≥ 0) (``upper``) or P(Q ≤ 0) for Q = Σ_i w_i χ²_{ν_i}, by the Lugannani–Rice saddlepoint.
+def _quadform_tail(w: np.ndarray, nu: np.ndarray, upper: bool, x: float = 0.0) -> float:
+    """P(Q ≥ x) (``upper``) or P(Q ≤ x) for Q = Σ_i w_i χ²_{ν_i}, by the Lugannani–Rice saddlepoint.
 
     CGF K(t) = −½ Σ ν_i log(1 − 2 w_i t) on (1/(2 w_min), 1/(2 w_max)); the saddle t̂ solves
-    K'(t̂) = 0, ŵ = sign(t̂)√(−2K(t̂)), û = t̂√K''(t̂), P(Q ≥ 0) ≈ Φ̄(ŵ) + φ(ŵ)(1/û − 1/ŵ).
+    K'(t̂) = x, ŵ = sign(t̂)√(2(t̂x − K(t̂))), û = t̂√K''(t̂), and
+    P(Q ≥ x) ≈ Φ̄(ŵ) + φ(ŵ)(1/û − 1/ŵ). Weights of one sign are only handled at x = 0.
     """
-    if w.max() <= 0.0 or w.min() >= 0.0:  # Q has one sign: the tail is 0 or 1
-        q_nonneg = w.min() >= 0.0
-        return float(q_nonneg) if upper else float(not q_nonneg or w.max() <= 0.0)
+    # Q of one sign has a trivial tail at 0 (Q ≡ 0 lies in both tails).
+    if w.min() >= 0.0 or w.max() <= 0.0:
+        if x != 0.0:
+            raise ValueError("_quadform_tail needs weights of both signs when x != 0")
+        if w.min() >= 0.0:
+            return 1.0 if upper else float(w.max() <= 0.0)
+        return 0.0 if upper else 1.0
 
     def k0(t: float) -> float:
         return -0.5 * float(np.sum(nu * np.log1p(-2.0 * w * t)))
@@ -114,17 +127,17 @@ def _quadform_tail(w: np.ndarray, nu: np.ndarray, upper: bool) -> float:
         p_up = 0.5 - k3 / (6.0 * math.sqrt(2.0 * math.pi) * k2(0.0) ** 1.5)
         return p_up if upper else 1.0 - p_up
 
-    if abs(k1(0.0)) < 1e-9 * math.sqrt(k2(0.0)):
+    if abs(k1(0.0) - x) < 1e-9 * math.sqrt(k2(0.0)):
         return limit_at_mean()
     lo, hi = 1.0 / (2.0 * float(w.min())), 1.0 / (2.0 * float(w.max()))
     for eps in (1e-10, 1e-13, 1e-15):  # K' runs from −∞ to +∞ between the poles
         a, b = lo * (1.0 - eps), hi * (1.0 - eps)
-        if k1(a) < 0.0 < k1(b):
-            t = optimize.brentq(k1, a, b, xtol=1e-300, rtol=1e-13, maxiter=500)
+        if k1(a) < x < k1(b):
+            t = optimize.brentq(lambda t: k1(t) - x, a, b, xtol=1e-300, rtol=1e-13, maxiter=500)
             break
     else:  # saddle pressed against a pole (extreme tail): evaluate at the nearest end
-        t = b if k1(b) <= 0.0 else a
-    w_hat = math.copysign(math.sqrt(max(-2.0 * k0(t), 0.0)), t)
+        t = b if k1(b) <= x else a
+    w_hat = math.copysign(math.sqrt(max(2.0 * (t * x - k0(t)), 0.0)), t)
     u_hat = t * math.sqrt(k2(t))
     if abs(w_hat) < 1e-5:  # 1/û − 1/ŵ cancels catastrophically this close to the mean
         return limit_at_mean()
@@ -134,12 +147,12 @@ def _quadform_tail(w: np.ndarray, nu: np.ndarray, upper: bool) -> float:
 
 
 def saddlepoint_p_value(e_obs: float, spectrum: np.ndarray | Tensor, k: int, d: int) -> float:
-    """One-sided p = P(E ≥ e_obs) from the eigenvalues of A (tr A = 1) by a quadratic-form saddlepoint.
+    """One-sided p = P(E ≥ e_obs) from A's eigenvalues (tr A = 1) by a quadratic-form saddlepoint.
 
     Why: the moment-matched Beta has the right mean and variance but too light a right tail
-    when A has one dominant eigenvalue (steering labels share a direction): random bases
-    reject at α = 0.01 1.4–3 % of the time (d = 576, k = 8: 1.4 %). This method tracks the
-    tail shape from the whole spectrum.
+    when A has one dominant eigenvalue (steering labels share a direction): at α = 0.01,
+    Haar-random bases are rejected 1.4–3 % of the time (d = 576, k = 8: 1.4 %; at
+    α = 0.001: 0.24 %). This method takes the tail's shape from the whole spectrum.
 
     Method: with span(G) uniform for Gaussian G [d, k], E ≈ Ẽ = k·tr(GᵀAG)/tr(GᵀG) (equal
     in law at k = 1), and Ẽ ≥ e ⟺ Σ_i (λ_i − e/k)·χ²_k,i ≥ 0 — a weighted chi-square tail
@@ -169,16 +182,59 @@ def saddlepoint_p_value(e_obs: float, spectrum: np.ndarray | Tensor, k: int, d: 
     var_t = 2.0 * kk * kk * (tr_a2 - 1.0 / d) / (d * (d * kk + 2.0))
     c = (mean_kk + (x - mean_kk) * math.sqrt(var_t / var)) / kk
     pos = lam[lam > 0.0]
+    w, nu = pos - c, np.full(pos.size, float(kk))
     n_zero = d - pos.size
-    w = np.concatenate([pos - c, [-c]]) if n_zero else pos - c
-    nu = np.concatenate([np.full(pos.size, float(kk)), [float(kk * n_zero)]]) if n_zero else (
-        np.full(pos.size, float(kk))
-    )
+    if n_zero:  # A's null space: one weight −c carrying k·(d − rank) degrees of freedom
+        w, nu = np.append(w, -c), np.append(nu, float(kk * n_zero))
     return _quadform_tail(w, nu, upper)
 
 
+def layer_mean_saddlepoint_p_value(
+    r_mean_obs: float, spectra: Sequence[np.ndarray | Tensor], ks: Sequence[int], d: int
+) -> float:
+    """P(mean_l R_l ≥ r_mean_obs) for an independent uniform subspace per layer (per-layer bases).
+
+    Each layer is linearised (P ≈ GGᵀ/d for Gaussian G [d, k_l]):
+    E_l − k_l/d ≈ (s_l/d)·Σ_i (λ_li − 1/d)·χ²_{k_l}, where s_l² = d(d−k_l)/((d−1)(d+2))
+    makes the variance exact. The layer mean of R_l = (d/k_l)·E_l is then one weighted
+    chi-square sum whose tail above r_mean_obs − 1 comes from the Lugannani–Rice
+    saddlepoint. One layer reduces to ``saddlepoint_p_value``. Mildly conservative where
+    k/d is not small; never anti-conservative in the invariants' checks.
+    """
+    if len(spectra) != len(ks) or not ks:
+        raise ValueError(f"need one spectrum per layer rank, got {len(spectra)} and {len(ks)}")
+    r_mean_obs = float(r_mean_obs)
+    if math.isnan(r_mean_obs):
+        return math.nan
+    L = len(ks)
+    if L == 1:
+        return saddlepoint_p_value(r_mean_obs * ks[0] / d, spectra[0], ks[0], d)
+    ws, nus = [], []
+    for spectrum, k in zip(spectra, ks, strict=True):
+        _check_k_d(k, d)
+        lam = np.asarray(
+            spectrum.detach().cpu() if isinstance(spectrum, Tensor) else spectrum, float
+        )
+        lam = np.clip(lam.reshape(-1), 0.0, None)
+        if lam.size > d or abs(lam.sum() - 1.0) > 1e-4:
+            raise ValueError(f"each spectrum needs <= d={d} eigenvalues summing to 1 (tr A = 1)")
+        if null_moments(1.0, float(np.sum(lam**2)), k, d)[1] == 0.0:
+            continue  # point-mass layer (k = d or isotropic A): adds no randomness
+        s = math.sqrt(d * (d - k) / ((d - 1.0) * (d + 2.0)))
+        pos = lam[lam > 0.0]
+        beta = np.append(pos - 1.0 / d, -1.0 / d)  # last entry: A's null space
+        nu = np.append(np.full(pos.size, float(k)), float(k * (d - pos.size)))
+        ws.append(s * beta / (L * k))
+        nus.append(nu)
+    if not ws:  # every layer's null is a point mass: no evidence either way
+        return 1.0 if r_mean_obs <= 1.0 + 1e-5 else 0.0
+    w, nu = np.concatenate(ws), np.concatenate(nus)
+    keep = nu > 0  # a full-rank A has no null-space block
+    return _quadform_tail(w[keep], nu[keep], upper=True, x=r_mean_obs - 1.0)
+
+
 def _generator(generator: torch.Generator | int) -> torch.Generator:
-    """An explicit generator; an int is a seed for a fresh CPU generator (reproducible, unlike hash())."""
+    """An explicit generator; an int seeds a fresh CPU generator (reproducible, unlike hash())."""
     if isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, bool) or not isinstance(generator, (int, np.integer)):
@@ -225,7 +281,7 @@ def haar_bases(
 
 
 def sum_sq64(t: Tensor, dim: int | tuple[int, ...]) -> Tensor:
-    """Σ t² over ``dim`` accumulated in float64 (float32 on MPS, which lacks float64), returned as float64 CPU."""
+    """Σ t² over ``dim``, accumulated in float64 (float32 on MPS, which lacks it); float64 CPU."""
     if t.device.type == "mps":
         return t.square().sum(dim=dim).to("cpu", torch.float64)
     return t.square().sum(dim=dim, dtype=torch.float64).cpu()
@@ -272,7 +328,7 @@ def monte_carlo_null(
 
 
 def mc_p_value(samples: Tensor, e_obs: float) -> float:
-    """Monte Carlo one-sided p-value (b + 1)/(m + 1), b = #{samples ≥ e_obs}: never 0, valid at finite m."""
+    """MC one-sided p = (b + 1)/(m + 1), b = #{samples ≥ e_obs}; never 0, valid at any m."""
     if not isinstance(samples, Tensor):
         samples = torch.as_tensor(samples)
     samples = samples.reshape(-1)
@@ -291,7 +347,7 @@ def structured_null(
     n_samples: int = DEFAULT_STRUCTURED_SAMPLES,
     generator: torch.Generator | int = 0,
 ) -> Tensor:
-    """Samples of E over random subspaces orth(W·G), G Gaussian [m, k]: a null shaped like the weights.
+    """Samples of E over random subspaces orth(W·G), G Gaussian [m, k]: a null shaped like W.
 
     The critique it answers: "R_w < 1 for write-side bases may just mean the diff lives in
     the span of the weights". For these models the base write matrix W = [W_o | W_down]
@@ -305,15 +361,15 @@ def structured_null(
     Raises ValueError if rank(W) < k (orth(WG) would not be k-dimensional).
     """
     factor = _check_factor(factor)
-    if not isinstance(W, Tensor) or W.ndim != 2:
-        raise TypeError(
-            f"W must be a 2-D torch.Tensor [d, m], got {type(W).__name__}"
-            f"{'' if not isinstance(W, Tensor) else ' of shape ' + str(tuple(W.shape))}"
-        )
+    if not isinstance(W, Tensor):
+        raise TypeError(f"W must be a torch.Tensor [d, m], got {type(W).__name__}")
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D [d, m] = [W_o | W_down], got shape {tuple(W.shape)}")
     d, m = factor.shape
     if W.shape[0] != d:
         raise ValueError(
-            f"W has {W.shape[0]} rows, expected d={d} (its columns must live in the residual stream)"
+            f"W has {W.shape[0]} rows, expected d={d} "
+            "(its columns must live in the residual stream)"
         )
     _check_k_d(k, d)
     if n_samples < 1:

@@ -39,6 +39,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             f"--ws-{key.replace('_', '-')}", dest=f"ws_{key}", default=None,
             help=f"{help_text} (env {ENV_VARS[key]}; default from [tool.ws_harness])",
         )
+    group.addoption(
+        "--ws-update-snapshots", dest="ws_update_snapshots", action="store_true", default=False,
+        help="record the ranking snapshot of this configuration under snapshots/ instead of "
+             "comparing with it",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -303,6 +308,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     merged = config.stash.get(_results_key, None)
     if merged is not None and not merged.empty:
         write_tables(merged, get_session(config).config.out)
+        _write_reports(config, merged)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -311,6 +317,102 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     tr = terminalreporter
     tr.write_sep("=", "ws-harness results")
-    for line in summary_lines(merged):
+    for line in summary_lines(merged):  # the tables, Kendall τ and stability per table
+        tr.write_line(line)
+    for line in _ranking_gate_lines(terminalreporter):
         tr.write_line(line)
     tr.write_line(f"tables written to {get_session(config).config.out}")
+    for line in _report_lines(config):
+        tr.write_line(line)
+
+
+# ---- ranking gate and reports (issue 6) ----------------------------------------------------
+
+RANKING_NODEID = "ws_ranking"
+_reports_key = pytest.StashKey[dict[str, Any]]()
+
+
+class RankingRegression(AssertionError):
+    """The run's ranking moved beyond the seed spread, or no snapshot is recorded for it."""
+
+
+class RankingGateItem(pytest.Item):
+    """SPEC §6: the run's ranking across seeds against the snapshot of its configuration.
+
+    One per session, added after the hypothesis items; it aggregates every hypothesis's scores
+    (under xdist from the shared disk cache) and compares them with
+    ``snapshots/ranking__<configuration>.json`` (see ws_harness.snapshot for the tolerance
+    rule), or records that file with --ws-update-snapshots.
+    """
+
+    def runtest(self) -> None:
+        from ws_harness.snapshot import SNAPSHOT_DIRNAME, check_ranking
+
+        board = _scoreboard(self.config)
+        board.ran = True
+        results = collect_results(board)
+        if results.empty:
+            raise RankingRegression(
+                "no hypothesis could be scored, so there is no ranking to check: "
+                + "; ".join(f"{k}: {v}" for k, v in sorted(results.errors.items()))
+            )
+        update = bool(self.config.getoption("ws_update_snapshots", False))
+        outcome = check_ranking(
+            results, self.config.rootpath / SNAPSHOT_DIRNAME, update=update,
+            lock_dir=get_session(self.config).config.cache_dir / "locks",
+            collected=set(board.hypotheses),
+        )
+        self.user_properties.append(("ws_ranking", outcome.message.splitlines()[0]))
+        if outcome.failed:
+            raise RankingRegression(outcome.message)
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, RANKING_NODEID
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, RankingRegression):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k/-m deselection, which may then drop the gate
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Append the ranking gate whenever hypothesis items were collected (same on every worker)."""
+    if any(isinstance(item, HarnessItem) for item in items) and not any(
+        isinstance(item, RankingGateItem) for item in items
+    ):
+        gate = RankingGateItem.from_parent(session, name=RANKING_NODEID, nodeid=RANKING_NODEID)
+        gate.add_marker("ws_hypothesis")
+        items.append(gate)
+
+
+def _write_reports(config: pytest.Config, results: RunResults) -> None:
+    from ws_harness.report import write_reports
+
+    out = get_session(config).config.out
+    try:
+        config.stash[_reports_key] = {"written": write_reports(results, out)}
+    except Exception as exc:  # noqa: BLE001 - a broken plot must not hide the run's results
+        config.stash[_reports_key] = {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _report_lines(config: pytest.Config) -> list[str]:
+    info = config.stash.get(_reports_key, None)
+    if info is None:
+        return []
+    if "error" in info:
+        return [f"REPORTS FAILED: {info['error']} (rerun them with: ws-harness report)"]
+    return ["reports: " + ", ".join(p.name for p in info["written"].values())]
+
+
+def _ranking_gate_lines(terminalreporter: Any) -> list[str]:
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if (getattr(report, "nodeid", None) == RANKING_NODEID
+                    and getattr(report, "when", None) == "call"):
+                for key, value in getattr(report, "user_properties", []):
+                    if key == "ws_ranking":
+                        return [f"ranking gate ({report.outcome}): {value}"]
+    return []

@@ -1,73 +1,194 @@
-"""Rankings across diff seeds (SPEC §6): per-hypothesis medians, IQRs and ranks by `joint`."""
+"""Rankings across diff seeds (SPEC §6): medians, IQRs, ranks by `joint`, Kendall τ, stability.
+
+Three tables, never mixed:
+
+* ``write/mixed`` — ranked by ``joint = √(R_act · R_w_combined)`` (descending);
+* ``read`` — ranked by ``R_act`` alone: their R_w measures read/write overlap, not recovery;
+* ``ceiling`` — the oracles and the informative ceiling, shown for scale and not ranked.
+
+Ranks are computed per seed (rank 1 = best, ties share the lower rank), then summarised per
+hypothesis by the median and IQR over seeds, like every summary score. Agreement between seeds
+is Kendall's τ-b between each pair of seed rankings (on the hypotheses both seeds scored). A
+hypothesis is **stable** when its rank range over seeds (max − min) is at most
+:func:`stable_rank_range` of its table size: ``max(1, ceil(n / 10))``; with a single seed
+stability is undetermined (null).
+"""
 
 from __future__ import annotations
+
+import math
+from itertools import combinations
 
 import polars as pl
 
 from ws_harness.results import RunResults
 
-__all__ = ["SCORE_COLUMNS", "aggregate", "summary_lines"]
+__all__ = [
+    "SCORE_COLUMNS",
+    "TABLES",
+    "RANK_KEY",
+    "per_seed",
+    "aggregate",
+    "kendall_taus",
+    "stable_rank_range",
+    "summary_lines",
+]
 
 SCORE_COLUMNS = ["joint", "r_act", "r_w_combined", "r_w_oproj", "r_w_downproj",
                  "pct_oracle_act", "pct_oracle_w_combined", "z_act", "z_w_combined",
                  "act_w_gap_log2", "overlap_w"]
+TABLES = ("write/mixed", "read", "ceiling")
+RANK_KEY = {"write/mixed": "joint", "read": "r_act", "ceiling": "joint"}
 
 
-def _ranked(frame: pl.DataFrame) -> pl.DataFrame:
-    """Rank by joint (write/mixed) or R_act (read, which has no meaningful joint) within each seed."""
+def table_of(axis_kind: str) -> str:
+    return {"read": "read", "ceiling": "ceiling"}.get(axis_kind, "write/mixed")
+
+
+def stable_rank_range(n_ranked: int) -> int:
+    """Largest rank range over seeds that still counts as stable in a table of n hypotheses."""
+    return max(1, (n_ranked + 9) // 10)  # ceil(n / 10) in integers
+
+
+def per_seed(results: RunResults) -> pl.DataFrame:
+    """The summaries with `table`, `rank_key` and the per-seed `rank` (null for ceilings)."""
+    frame = pl.DataFrame(results.summaries, infer_schema_length=None)
+    for col in SCORE_COLUMNS + ["r_act_ci_lo", "r_act_ci_hi"]:
+        if col not in frame.columns:
+            frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(col))
+        frame = frame.with_columns(pl.col(col).cast(pl.Float64).fill_nan(None))
+    table = (pl.when(pl.col("axis_kind") == "read").then(pl.lit("read"))
+             .when(pl.col("axis_kind") == "ceiling").then(pl.lit("ceiling"))
+             .otherwise(pl.lit("write/mixed")))
     key = pl.when(pl.col("axis_kind") == "read").then(pl.col("r_act")).otherwise(pl.col("joint"))
-    group = pl.when(pl.col("axis_kind") == "read").then(pl.lit("read")).otherwise(
-        pl.when(pl.col("axis_kind") == "ceiling").then(pl.lit("ceiling")).otherwise(
-            pl.lit("write/mixed")))
-    return (
-        frame.with_columns(group.alias("table"), key.fill_nan(None).alias("rank_key"))
-        .with_columns(
-            pl.col("rank_key").rank(method="min", descending=True).over(["seed", "table"])
-            .alias("rank")
-        )
-    )
+    frame = frame.with_columns(table.alias("table"), key.alias("rank_key"))
+    rank = pl.col("rank_key").rank(method="min", descending=True).over(["seed", "table"])
+    return frame.with_columns(
+        pl.when(pl.col("table") == "ceiling").then(None).otherwise(rank).cast(pl.Float64)
+        .alias("rank")
+    ).sort(["seed", "table", "rank", "hypothesis"], nulls_last=True)
 
 
 def aggregate(results: RunResults) -> pl.DataFrame:
-    """One row per hypothesis: median and IQR over seeds of each score and of its rank."""
-    frame = _ranked(pl.DataFrame(results.summaries, infer_schema_length=None))
+    """One row per hypothesis: median and IQR over seeds of each score and of its rank.
+
+    Columns: hypothesis, family, axis_kind, table, ``<score>_median``/``<score>_iqr`` for every
+    score in SCORE_COLUMNS and for ``rank``, ``rank_min``/``rank_max``/``rank_range``,
+    ``n_seeds``, ``stable`` (null for ceilings and single-seed runs), ``r_act_ci_lo``/``_hi``
+    (medians of the per-seed bootstrap CI). Sorted by table, then median rank (ceilings by joint).
+    """
+    frame = per_seed(results)
     aggs = []
     for col in SCORE_COLUMNS + ["rank"]:
-        c = pl.col(col).cast(pl.Float64).fill_nan(None)
+        c = pl.col(col)
         aggs += [c.median().alias(f"{col}_median"),
                  (c.quantile(0.75, "linear") - c.quantile(0.25, "linear")).alias(f"{col}_iqr")]
-    aggs += [pl.col("rank").min().alias("rank_min"), pl.col("rank").max().alias("rank_max"),
+    aggs += [pl.col("r_act_ci_lo").median(), pl.col("r_act_ci_hi").median(),
+             pl.col("rank").min().alias("rank_min"), pl.col("rank").max().alias("rank_max"),
              pl.len().alias("n_seeds")]
-    return (
-        frame.group_by(["hypothesis", "family", "axis_kind", "table"]).agg(aggs)
-        .sort(["table", "rank_median", "hypothesis"], nulls_last=True)
-    )
+    table = frame.group_by(["hypothesis", "family", "axis_kind", "table"]).agg(aggs)
+    sizes = frame.filter(pl.col("rank").is_not_null()).group_by("table").agg(
+        pl.col("hypothesis").n_unique().alias("n_in_table"))
+    table = table.join(sizes, on="table", how="left").with_columns(
+        (pl.col("rank_max") - pl.col("rank_min")).alias("rank_range"))
+    # stable_rank_range(n) = max(1, ceil(n / 10)), as an expression
+    limit = pl.max_horizontal(pl.lit(1), (pl.col("n_in_table") + 9) // 10)
+    table = table.with_columns(
+        pl.when(pl.col("rank_range").is_null() | (pl.col("n_seeds") < 2)).then(None)
+        .otherwise(pl.col("rank_range") <= limit).alias("stable")
+    ).drop("n_in_table")
+    order = pl.col("table").replace_strict({t: i for i, t in enumerate(TABLES)}, default=9)
+    return (table.with_columns(order.alias("_order"), (-pl.col("joint_median")).alias("_j"))
+            .sort(["_order", "rank_median", "_j", "hypothesis"], nulls_last=True)
+            .drop(["_order", "_j"]))
+
+
+def _tau(x: list[float], y: list[float]) -> float:
+    from scipy.stats import kendalltau
+
+    if len(x) < 2:
+        return math.nan
+    tau = kendalltau(x, y).statistic  # τ-b: ties handled
+    return float(tau) if tau is not None else math.nan
+
+
+def kendall_taus(results: RunResults) -> pl.DataFrame:
+    """Kendall τ-b between every pair of seed rankings, per ranked table.
+
+    Columns: table, seed_a, seed_b, n (hypotheses ranked on both seeds, at least 2), tau.
+    """
+    frame = per_seed(results).filter(pl.col("rank").is_not_null())
+    rows = []
+    for table in TABLES[:2]:
+        part = frame.filter(pl.col("table") == table)
+        keys = {
+            seed: dict(zip(g["hypothesis"], g["rank_key"], strict=True))
+            for (seed,), g in part.group_by(["seed"], maintain_order=True)
+        }
+        for a, b in combinations(sorted(keys), 2):
+            common = sorted(set(keys[a]) & set(keys[b]))
+            if len(common) < 2:
+                continue
+            tau = _tau([keys[a][h] for h in common], [keys[b][h] for h in common])
+            rows.append({"table": table, "seed_a": a, "seed_b": b, "n": len(common), "tau": tau})
+    schema = {"table": pl.String, "seed_a": pl.String, "seed_b": pl.String, "n": pl.Int64,
+              "tau": pl.Float64}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _stability_lines(table: pl.DataFrame, taus: pl.DataFrame, name: str) -> list[str]:
+    lines = []
+    part_tau = taus.filter(pl.col("table") == name)
+    if not part_tau.is_empty():
+        pairs = ", ".join(f"{r['seed_a']}~{r['seed_b']} {r['tau']:.2f}"
+                          for r in part_tau.iter_rows(named=True))
+        lines.append(f"    Kendall τ between seed rankings: {pairs} "
+                     f"(median {part_tau['tau'].median():.2f})")
+    part = table.filter((pl.col("table") == name) & pl.col("stable").is_not_null())
+    if not part.is_empty():
+        n_ranked = table.filter(pl.col("table") == name).height
+        unstable = part.filter(~pl.col("stable"))
+        text = ", ".join(f"{r['hypothesis']} ({r['rank_min']:.0f}-{r['rank_max']:.0f})"
+                         for r in unstable.iter_rows(named=True))
+        lines.append(f"    stable (rank range ≤ {stable_rank_range(n_ranked)} over seeds): "
+                     f"{part.height - unstable.height}/{part.height}"
+                     + (f"; unstable: {text}" if text else ""))
+    return lines
 
 
 def summary_lines(results: RunResults, width: int = 28) -> list[str]:
-    """The terminal ranking: write/mixed and read tables apart, ceilings for scale."""
+    """The terminal ranking: write/mixed and read tables apart, ceilings for scale; τ, stability."""
     if results.empty:
         return [f"no scores: {results.errors.get('<run>', 'no hypothesis was scored')}"]
     table = aggregate(results)
+    width = max([width] + [len(name) for name in table["hypothesis"]])
+    taus = kendall_taus(results)
     lines: list[str] = []
-    for name in ("write/mixed", "read", "ceiling"):
+    for name in TABLES:
         part = table.filter(pl.col("table") == name)
         if part.is_empty():
             continue
-        lines.append(f"--- {name} (median over {part['n_seeds'].max()} seeds; rank by "
-                     f"{'R_act' if name == 'read' else 'joint'}) ---")
+        how = ("not ranked; shown for scale" if name == "ceiling"
+               else f"rank by {'R_act' if name == 'read' else 'joint'}")
+        lines.append(f"--- {name} (median over {part['n_seeds'].max()} seeds; {how}) ---")
         lines.append(f"{'rank':>5} {'hypothesis':<{width}} {'joint':>7} {'R_act':>7} "
-                     f"{'R_w':>7} {'pct_act':>7} {'z_act':>7} {'z_w':>7}  family")
+                     f"{'R_w':>7} {'pct_act':>7} {'z_act':>7} {'z_w':>7} {'range':>7}  family")
         for row in part.iter_rows(named=True):
-            def fmt(key: str, spec: str = "7.2f") -> str:
+            def fmt(key: str, spec: str = "7.2f", row: dict = row) -> str:
                 value = row[f"{key}_median"]
                 return f"{value:{spec}}" if value is not None else f"{'—':>7}"
             rank = row["rank_median"]
+            span = ("" if row["rank_min"] is None
+                    else f"{row['rank_min']:.0f}-{row['rank_max']:.0f}"
+                    + ("" if row["stable"] is not False else "!"))
             lines.append(
-                f"{'' if rank is None else f'{rank:5.1f}':>5} {row['hypothesis']:<{width}} "
+                f"{'—' if rank is None else f'{rank:5.1f}':>5} {row['hypothesis']:<{width}} "
                 f"{fmt('joint')} {fmt('r_act')} {fmt('r_w_combined')} {fmt('pct_oracle_act')} "
-                f"{fmt('z_act', '7.1f')} {fmt('z_w_combined', '7.1f')}  {row['family']}"
+                f"{fmt('z_act', '7.1f')} {fmt('z_w_combined', '7.1f')} {span:>7}  {row['family']}"
             )
+        lines += _stability_lines(table, taus, name)
+    if table["stable"].is_not_null().any():
+        lines.append("range: rank min-max over seeds; '!' marks an unstable hypothesis")
     for name, message in sorted(results.errors.items()):
         lines.append(f"EXCLUDED {name}: {message}")
     return lines

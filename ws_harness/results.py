@@ -1,16 +1,15 @@
-"""A run's results as tables: per-layer rows, per-seed summaries, claims, inputs.json; merged across workers."""
+"""A run's results as tables: per-layer rows, per-seed summaries, claims, inputs.json; merged over workers."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
-
-from ws_harness import __version__
 
 if TYPE_CHECKING:
     from ws_harness.scoreboard import Scoreboard
@@ -35,6 +34,7 @@ class RunResults:
     hypotheses: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)  # per process: phase → s
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=_jsonable)
@@ -59,6 +59,7 @@ class RunResults:
             hypotheses={**other.hypotheses, **self.hypotheses},
             errors={**other.errors, **self.errors},
             inputs=self.inputs or other.inputs,
+            timings={**other.timings, **self.timings},
         )
 
     @property
@@ -95,6 +96,7 @@ def collect_results(board: Scoreboard) -> RunResults:
         },
         errors=dict(board.errors),
         inputs=board.run_inputs() if scores else {},
+        timings={os.environ.get("PYTEST_XDIST_WORKER", "main"): dict(board.session.timings)},
     )
 
 
@@ -127,6 +129,7 @@ def write_tables(results: RunResults, out: Path) -> dict[str, Path]:
         written[name] = out / f"{name}.csv"
     (out / "inputs.json").write_text(json.dumps(results.inputs, indent=1, default=_jsonable))
     (out / "results.json").write_text(results.to_json())
+    (out / "timings.json").write_text(json.dumps(results.timings, indent=1, sort_keys=True))
     written["inputs"] = out / "inputs.json"
     return written
 

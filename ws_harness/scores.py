@@ -1,11 +1,12 @@
-"""Scores of a basis against the diff (SPEC §4): targets A, recovery E/R with nulls, oracles, specificity, summaries."""
+"""Scores of a basis against the diff (SPEC §4): targets A, E/R with nulls, oracles, summaries."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from .nulls import (
     DEFAULT_MC_SAMPLES,
     DEFAULT_STRUCTURED_SAMPLES,
     beta_p_value,
+    layer_mean_saddlepoint_p_value,
     mc_p_value,
     monte_carlo_null,
     null_moments,
@@ -34,6 +36,7 @@ __all__ = [
     "weight_target",
     "combined_weight_target",
     "mean_tr_a2",
+    "mean_spectrum",
     "recovery",
     "structured_recovery",
     "oracle_basis",
@@ -78,7 +81,7 @@ def _check_2d(t: object, name: str, shape_hint: str) -> Tensor:
 
 
 def _gram_small(F: Tensor) -> Tensor:
-    """The smaller Gram matrix of F [d, m] in float64: FᵀF if m ≤ d else FFᵀ (same nonzero spectrum as A)."""
+    """Smaller Gram of F [d, m] in float64: FᵀF if m ≤ d else FFᵀ (nonzero spectrum of A)."""
     F64 = F.detach().to("cpu" if F.device.type == "mps" else F.device, torch.float64)
     return F64.T @ F64 if F64.shape[1] <= F64.shape[0] else F64 @ F64.T
 
@@ -132,12 +135,13 @@ class Target:
         return evals.cpu() / self.norm2
 
     def energy(self, B: Tensor) -> float:
-        """E(B) = ‖BᵀF‖_F² = tr(BᵀAB) for an orthonormal basis B [d, k] (accumulated in float64)."""
+        """E(B) = tr(BᵀAB) = ‖BᵀF‖_F²/‖F‖_F² for an orthonormal B [d, k], accumulated in float64."""
         if B.shape[0] != self.d:
             raise ValueError(f"basis has {B.shape[0]} rows, target lives in d={self.d}")
         if B.device != self.factor.device:
             raise ValueError(
-                f"basis is on {B.device} but the target is on {self.factor.device}; move one with .to()"
+                f"basis is on {B.device} but the target is on {self.factor.device}; "
+                "move one with .to()"
             )
         dtype = torch.promote_types(B.dtype, self.factor.dtype)
         return float(sum_sq64(B.to(dtype).T @ self.factor.to(dtype), dim=(0, 1))) / self.norm2
@@ -157,7 +161,8 @@ def activation_target(X: Tensor, kind: str = "act") -> Target:
     zero = torch.nonzero(norms == 0).flatten().tolist()
     if zero:
         raise ValueError(
-            f"label sample row(s) {zero[:10]} are all-zero and have no direction; drop those prompts"
+            f"label sample row(s) {zero[:10]} are all-zero and have no direction; "
+            "drop those prompts"
         )
     F = (Xw / norms[:, None]).T / math.sqrt(n)
     return Target(F.contiguous(), kind=kind)
@@ -215,30 +220,50 @@ def combined_weight_target(Ms: Sequence[Tensor | None], kind: str = "w_combined"
     return Target(F.contiguous(), kind=kind)
 
 
-def mean_tr_a2(targets: Sequence[Target | None]) -> float:
-    """tr(Ā²) for Ā = mean_l A_l over the non-None targets (float64).
+def _mean_gram(targets: Sequence[Target | None]) -> Tensor:
+    """Smaller Gram of Ā = mean_l A_l = F̄F̄ᵀ, F̄ = [F_1/‖F_1‖ … F_L/‖F_L‖]/√L, in float64.
 
-    Ā = F̄F̄ᵀ with F̄ = [F_1 … F_L]/√L; uses the smaller of F̄ᵀF̄ (Σm_l ≤ d) or
-    Σ_l F_l F_lᵀ / L. Depends only on the diff, so compute it once per diff and pass it to
-    ``summarize_layers(tr_a2_mean=...)`` when summarising many global bases.
+    F̄ᵀF̄ when Σm_l ≤ d (e.g. 16 labels × 30 layers), else Σ_l F_lF_lᵀ/L (weights), built
+    one float64 copy at a time. Each F_l/‖F_l‖ gives A_l trace exactly 1 (see Target).
     """
     used = [t for t in targets if t is not None]
     if not used:
-        return math.nan
-    L = len(used)
-    d = used[0].d
+        raise ValueError("no defined layer: every target is None (untouched)")
+    d, L = used[0].d, len(used)
     if any(t.d != d for t in used):
         raise ValueError("targets live in different d; a layer mean needs one residual width")
     dev = "cpu" if used[0].factor.device.type == "mps" else used[0].factor.device
-    # Each F_l/‖F_l‖ in float64, so every A_l has trace exactly 1 (see Target).
-    Fs = [t.factor.to(dev, torch.float64) / math.sqrt(t.norm2) for t in used]
-    if sum(F.shape[1] for F in Fs) <= d:
-        Fbar = torch.cat(Fs, dim=1)
-        return float((Fbar.T @ Fbar).square().sum()) / L**2
-    S = torch.zeros((d, d), dtype=torch.float64, device=dev)
-    for F in Fs:
-        S += F @ F.T
-    return float((S / L).square().sum())
+
+    def unit(t: Target) -> Tensor:
+        return t.factor.to(dev, torch.float64) / math.sqrt(t.norm2)
+
+    if sum(t.m for t in used) <= d:
+        Fbar = torch.cat([unit(t) for t in used], dim=1)
+        return Fbar.T @ Fbar / L
+    G = torch.zeros((d, d), dtype=torch.float64, device=dev)
+    for t in used:
+        F = unit(t)
+        G += F @ F.T
+    return G / L
+
+
+def mean_tr_a2(targets: Sequence[Target | None]) -> float:
+    """tr(Ā²) for Ā = mean_l A_l over the non-None targets (float64); NaN if there are none.
+
+    Depends only on the diff: compute it once per diff and pass it to
+    ``summarize_layers(tr_a2_mean=...)`` when summarising many global bases.
+    """
+    if all(t is None for t in targets):
+        return math.nan
+    return float(_mean_gram(targets).square().sum())
+
+
+def mean_spectrum(targets: Sequence[Target | None]) -> Tensor:
+    """Eigenvalues of Ā = mean_l A_l over the non-None targets: descending, float64 CPU.
+
+    Used by the saddlepoint p-value of a global basis; Σλ² = ``mean_tr_a2(targets)``.
+    """
+    return torch.linalg.eigvalsh(_mean_gram(targets)).flip(0).clamp_min(0.0).cpu()
 
 
 @dataclass(frozen=True)
@@ -267,7 +292,7 @@ class Score:
 
     @property
     def defined(self) -> bool:
-        """False for layers without a target (untouched by the diff) or bases with no directions left."""
+        """False for layers without a target (untouched) or bases with no directions left."""
         return not math.isnan(self.e)
 
     @classmethod
@@ -294,7 +319,7 @@ class Score:
 
 
 def _z(x: float, mean: float, sd: float) -> float:
-    # A zero-variance null is a point mass (k = d, isotropic A): every basis scores the mean, z := 0.
+    # A zero-variance null is a point mass (k = d, isotropic A): all bases score the mean; z := 0.
     return (x - mean) / sd if sd > 0 else 0.0
 
 
@@ -392,7 +417,7 @@ def structured_recovery(
     n_samples: int = DEFAULT_STRUCTURED_SAMPLES,
     generator: torch.Generator | int = 0,
 ) -> StructuredScore:
-    """Score B against random subspaces shaped like the layer's base write matrix W = [W_o | W_down]."""
+    """Score B against random subspaces shaped like the base write matrix W = [W_o | W_down]."""
     _check_target(target)
     d = int(B.shape[0]) if isinstance(B, Tensor) and B.ndim == 2 else -1
     validate_basis(B, target.d if target is not None else d)
@@ -465,7 +490,7 @@ def pct_oracle(B: Tensor, target: Target | None) -> float:
 
 
 def diff_overlap(B: Tensor, target: Target | None, k_w: int | None = None) -> float:
-    """overlap(B, w_oracle) = ‖BᵀB_w‖_F²/min(k, k_w), B_w = oracle basis of rank k_w (default B's rank)."""
+    """overlap(B, w_oracle) = ‖BᵀB_w‖_F²/min(k, k_w); B_w = oracle of rank k_w (default: B's)."""
     _check_target(target)
     if target is None:
         return math.nan
@@ -526,7 +551,10 @@ def bootstrap_r_act_ci(
 
 
 def bootstrap_mean_r_act_ci(
-    Bs: Sequence[Tensor], Xs: Sequence[Tensor], n_boot: int = 1000, seed: int = 0,
+    Bs: Sequence[Tensor],
+    Xs: Sequence[Tensor],
+    n_boot: int = 1000,
+    seed: int = 0,
     level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile bootstrap CI of the layer-mean R_act, resampling EVAL prompts.
@@ -534,7 +562,8 @@ def bootstrap_mean_r_act_ci(
     One basis B_l and label matrix X_l [n, d] per layer, the same n prompts at every layer:
     each replicate draws one set of prompt indices and applies it at every layer, so the CI
     reflects prompt sampling of the layer-averaged score. Vectorised: per-sample energies
-    e_li = ‖B_lᵀx̂_li‖² are computed once; draws come from a ``torch.Generator`` seeded with ``seed``.
+    e_li = ‖B_lᵀx̂_li‖² are computed once; draws come from a ``torch.Generator`` seeded
+    with ``seed``.
     """
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
@@ -543,7 +572,7 @@ def bootstrap_mean_r_act_ci(
     if len(Bs) != len(Xs) or not Bs:
         raise ValueError(f"need one basis per label matrix, got {len(Bs)} bases and {len(Xs)} X")
     per_layer = []
-    for B, X in zip(Bs, Xs):
+    for B, X in zip(Bs, Xs, strict=True):
         target = activation_target(X)
         validate_basis(B, target.d)
         dtype = torch.promote_types(B.dtype, target.factor.dtype)
@@ -593,8 +622,8 @@ class LayerSummary:
     """Layer-averaged recovery: mean R over defined layers and its null (SPEC §4).
 
     null_mean_r/null_sd_r: moments of the mean R under the null for this basis kind;
-    z = (mean_r − null_mean_r)/null_sd_r; p from a Beta moment-matched to the mean
-    statistic on [0, 1]. NaN everywhere when no layer is defined.
+    z = (mean_r − null_mean_r)/null_sd_r; p one-sided by ``p_method``. NaN everywhere
+    (p_method "none") when no layer is defined.
     """
 
     basis_kind: str
@@ -605,6 +634,7 @@ class LayerSummary:
     null_sd_r: float
     z: float
     p: float
+    p_method: str
 
 
 def summarize_layers(
@@ -613,16 +643,25 @@ def summarize_layers(
     basis_kind: BasisKind = "per_layer",
     *,
     tr_a2_mean: float | None = None,
+    p_method: PMethod = "beta",
 ) -> LayerSummary:
     """Mean R over layers (undefined/NaN layers excluded) with its null z and p.
 
     per_layer: an independent random subspace per layer, so Var(mean R) = Σ_l Var(R_l)/L².
-      p: S = mean R / c with c = max_l d/k_l lies in [0, 1] (= mean E when all k are equal);
-      a Beta is matched to S's null moments.
+      Beta p: S = mean R / c with c = max_l d/k_l lies in [0, 1] (= mean E when all k are
+      equal); a Beta is matched to S's null moments. Saddlepoint p:
+      ``nulls.layer_mean_saddlepoint_p_value`` on the layers' spectra (needs ``targets``).
     global: one random subspace shared by all layers, so mean_l E_l = tr(BᵀĀB) with
-      Ā = mean_l A_l, and the single-subspace formula applies with tr(Ā²) (from
-      ``targets`` or ``tr_a2_mean``). Requires equal k and d across layers.
+      Ā = mean_l A_l, and the single-subspace null applies with tr(Ā²) (from ``targets``
+      or ``tr_a2_mean``; the saddlepoint uses Ā's spectrum, so it needs ``targets``).
+      Requires equal k and d across layers.
     """
+    if basis_kind not in ("per_layer", "global"):
+        raise ValueError(f"basis_kind must be 'per_layer' or 'global', got {basis_kind!r}")
+    if p_method not in ("beta", "saddlepoint"):
+        raise ValueError(f"p_method must be 'beta' or 'saddlepoint', got {p_method!r}")
+    if p_method == "saddlepoint" and targets is None:
+        raise ValueError("p_method='saddlepoint' needs the per-layer targets (their spectra)")
     scores = list(scores)
     if targets is not None:
         targets = list(targets)
@@ -630,7 +669,7 @@ def summarize_layers(
             raise ValueError(
                 f"got {len(scores)} scores but {len(targets)} targets; pass one target per layer"
             )
-        for l, (s, t) in enumerate(zip(scores, targets)):
+        for l, (s, t) in enumerate(zip(scores, targets, strict=True)):
             _check_target(t)
             if s.defined != (t is not None):
                 raise ValueError(
@@ -641,7 +680,7 @@ def summarize_layers(
     L = len(defined)
     if L == 0:
         nan = math.nan
-        return LayerSummary(basis_kind, 0, nan, nan, nan, nan, nan, nan)
+        return LayerSummary(basis_kind, 0, nan, nan, nan, nan, nan, nan, "none")
     used = [scores[l] for l in defined]
     mean_r = float(np.mean([s.r for s in used]))
     mean_e = float(np.mean([s.e for s in used]))
@@ -649,13 +688,21 @@ def summarize_layers(
     if basis_kind == "per_layer":
         null_mean_r = float(np.mean([s.null_mean_r for s in used]))
         var_r = float(np.sum([s.null_sd_r**2 for s in used])) / L**2
-        c = max(s.d / s.k for s in used)  # weights d/(k_l c) ≤ 1 keep S = mean R / c in [0, 1]
-        p = beta_p_value(mean_r / c, null_mean_r / c, var_r / c**2)
-    elif basis_kind == "global":
+        if p_method == "saddlepoint":
+            d = used[0].d
+            if any(s.d != d for s in used):
+                raise ValueError("layers live in different d; a layer mean needs one width")
+            spectra = [targets[l].spectrum for l in defined]
+            p = layer_mean_saddlepoint_p_value(mean_r, spectra, [s.k for s in used], d)
+        else:
+            c = max(s.d / s.k for s in used)  # weights d/(k_l c) ≤ 1 keep S = mean R/c in [0, 1]
+            p = beta_p_value(mean_r / c, null_mean_r / c, var_r / c**2)
+    else:
         ks, ds = {s.k for s in used}, {s.d for s in used}
         if len(ks) != 1 or len(ds) != 1:
             raise ValueError(
-                f"a global basis has one rank and d at every layer; got k={sorted(ks)}, d={sorted(ds)}"
+                "a global basis has one rank and d at every layer; "
+                f"got k={sorted(ks)}, d={sorted(ds)}"
             )
         k, d = ks.pop(), ds.pop()
         if tr_a2_mean is None:
@@ -666,13 +713,13 @@ def summarize_layers(
             tr_a2_mean = mean_tr_a2([targets[l] for l in defined])
         mean_e0, var_e0 = null_moments(1.0, tr_a2_mean, k, d)
         null_mean_r, var_r = mean_e0 * d / k, var_e0 * (d / k) ** 2
-        p = beta_p_value(mean_e, mean_e0, var_e0)
-    else:
-        raise ValueError(f"basis_kind must be 'per_layer' or 'global', got {basis_kind!r}")
+        if p_method == "saddlepoint":
+            p = saddlepoint_p_value(mean_e, mean_spectrum([targets[l] for l in defined]), k, d)
+        else:
+            p = beta_p_value(mean_e, mean_e0, var_e0)
     sd_r = math.sqrt(var_r)
-    return LayerSummary(
-        basis_kind, L, mean_r, mean_e, null_mean_r, sd_r, _z(mean_r, null_mean_r, sd_r), p
-    )
+    z = _z(mean_r, null_mean_r, sd_r)
+    return LayerSummary(basis_kind, L, mean_r, mean_e, null_mean_r, sd_r, z, p, p_method)
 
 
 def joint_score(r_act: float, r_w: float) -> float:

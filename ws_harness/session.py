@@ -12,7 +12,7 @@ import torch
 
 from ws_harness import capture
 from ws_harness.arch import Architecture
-from ws_harness.cache import DiskCache
+from ws_harness.cache import DiskCache, worker_order
 from ws_harness.config import HarnessConfig
 from ws_harness.data import Behaviour, ProbeSet, load_behaviour, render_chat, tokenize_prompts
 from ws_harness.models import LoadedModel, load_model
@@ -113,7 +113,7 @@ class HarnessSession:
     # ---- diffs and labels (SPEC §2.3, §3) ----------------------------------------------
     @cached_property
     def answer_ids(self) -> tuple[int, int]:
-        """Token ids of the behaviour's positive / negative verdict words (SmolLM2: Yes 10539, No 5230)."""
+        """First-token ids of the verdict words, positive then negative (SmolLM2: 10539, 5230)."""
         from ws_harness.steering import answer_token_ids
 
         return answer_token_ids(self.tokenizer, self.behaviour.answer_tokens)
@@ -133,18 +133,20 @@ class HarnessSession:
             return list(memo)
         with self.timed("diffs"):
             if self.config.builds_diffs:
-                diffs = [build_diff(self, seed) for seed in self.config.seeds]
+                seeds = list(self.config.seeds)
+                built = {seed: build_diff(self, seed) for seed in worker_order(seeds)}
+                diffs = [built[seed] for seed in seeds]
             else:
                 diffs = [load_diff(path, self.arch) for path in self.config.diff]
             names = [name for name, _ in self.config.diff_plan()]
-            diffs = [_replace(d, name=n) for d, n in zip(diffs, names)]
+            diffs = [_replace(d, name=n) for d, n in zip(diffs, names, strict=True)]
             for diff in diffs:
                 check_steers(self.steering(diff), diff.name)
         self.__dict__["_ws_diffs"] = diffs
         return list(diffs)
 
     def steering(self, diff: Any) -> Any:
-        """SteeringCurve of a diff on EVAL prompts (no system prompt), cached as JSON by its sha256."""
+        """SteeringCurve of a diff on EVAL prompts (no system prompt), cached as JSON by sha256."""
         from ws_harness.steering import ALPHAS, SteeringCurve, steering_curve
 
         probes = self.probes("eval")
@@ -182,7 +184,8 @@ class HarnessSession:
         with self.timed("labels"):
             memo[diff.sha256] = self.cache.get_or_build_tensors(
                 "labels",
-                self.cache_parts(diff=diff.sha256, alphas=[1.0, -1.0], batch_size=capture.BATCH_SIZE),
+                self.cache_parts(diff=diff.sha256, alphas=[1.0, -1.0],
+                                 batch_size=capture.BATCH_SIZE),
                 build,
                 producer=capture.capture_last_token,  # what computes them; the diff is in the key
             )

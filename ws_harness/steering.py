@@ -1,4 +1,4 @@
-"""The steering check (SPEC §2.3): logit(Yes) − logit(No) on EVAL prompts across α, and its paired test."""
+"""The steering check (SPEC §2.3): logit(Yes) − logit(No) on EVAL prompts across α, paired test."""
 
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ def steering_curve(
 def format_curve(curve: SteeringCurve | Mapping[str, Any]) -> str:
     """One line: mean margin per α, the α=+1 − α=−1 effect and both p-values."""
     c = curve if isinstance(curve, SteeringCurve) else SteeringCurve.from_json(curve)
-    points = ", ".join(f"α={a:+g}: {m:+.2f}" for a, m in zip(c.alphas, c.mean))
+    points = ", ".join(f"α={a:+g}: {m:+.2f}" for a, m in zip(c.alphas, c.mean, strict=True))
     return (f"mean logit(Yes)−logit(No) on {c.n} EVAL prompts: {points}; effect(+1 vs −1) "
             f"{c.effect:+.2f}, paired one-sided t-test p={c.p_ttest:.2g}, "
             f"Wilcoxon p={c.p_wilcoxon:.2g}")
