@@ -96,6 +96,14 @@ def test_a_dropped_in_file_is_built_scored_claimed_and_ranked(
     assert {r["seed"] for r in rows} == {"w0", "w1"}
     assert len(rows) == 2 * 2 * 3  # 2 hypotheses × 2 diffs × 3 layers
     assert (pytester.path / "out" / "inputs.json").is_file()
+    with open(pytester.path / "out" / "summary.csv") as fh:
+        summary = {(r["hypothesis"], r["seed"]): r for r in csv.DictReader(fh)}
+    # The diff lies along one direction the answer basis contains: it beats the structured
+    # null (random directions shaped like [W_o | W_down]) by far; W_o's own top SVs do not.
+    for seed in ("w0", "w1"):
+        assert float(summary[("answer_direction", seed)]["r_w_struct"]) > 5
+        assert float(summary[("my_write", seed)]["r_w_struct"]) < 2
+        assert float(summary[("answer_direction", seed)]["r_act_specific"]) > 1
 
 
 def test_recorded_findings_fail_when_stale_or_missing(

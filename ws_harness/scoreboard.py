@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +14,7 @@ import torch
 from ws_harness import __version__
 from ws_harness.cache import code_version, worker_order
 from ws_harness.hypothesis import Acts, BaseWeights, CeilingContext, FitContext, Hypothesis
-from ws_harness.linalg import validate_basis
+from ws_harness.linalg import pca_basis, validate_basis
 from ws_harness.scores import (
     Target,
     act_w_gap_log2,
@@ -26,6 +26,8 @@ from ws_harness.scores import (
     joint_score,
     pct_oracle,
     recovery,
+    specificity,
+    structured_recovery,
     summarize_layers,
     weight_target,
 )
@@ -48,6 +50,7 @@ ALPHA = 0.01  # SPEC §6: one-sided p < 0.01 after BH
 # 1.4–2.2× too often when one label direction dominates (invariants/test_null_invariants.py).
 # The Beta p stays in the tables as p_*_beta.
 P_METHOD = "saddlepoint"
+STRUCTURED_SAMPLES = 128  # Monte Carlo draws per layer for the structured null
 # DiffTargets field -> column suffix in the tables
 SUFFIX = {"act": "act", "w_o": "w_oproj", "w_down": "w_downproj", "w_combined": "w_combined"}
 ORTHONORMAL_TOL = 1e-4
@@ -97,10 +100,15 @@ class DiffTargets:
     w_combined: list[Target | None]
     labels: torch.Tensor  # [L, n_eval, d]
     touched: list[int]  # layers where the diff changes something
+    # Base-model references for the secondary scores (A side, not the diff):
+    write_weights: list[torch.Tensor] = field(default_factory=list)  # [W_o | W_down] per layer
+    clean_pcs: list[torch.Tensor] = field(default_factory=list)  # top-k clean FIT PCs per layer
 
     @classmethod
     def build(
-        cls, labels: torch.Tensor, deltas: dict[tuple[int, str], torch.Tensor], touched: Sequence[int]
+        cls, labels: torch.Tensor, deltas: dict[tuple[int, str], torch.Tensor],
+        touched: Sequence[int], write_weights: Sequence[torch.Tensor] = (),
+        clean_pcs: Sequence[torch.Tensor] = (),
     ) -> DiffTargets:
         n_layers = labels.shape[0]
         o = [deltas.get((l, "o")) for l in range(n_layers)]
@@ -114,6 +122,8 @@ class DiffTargets:
             w_combined=[combined_weight_target([a, b]) for a, b in zip(o, down)],
             labels=labels,
             touched=sorted(touched),
+            write_weights=list(write_weights),
+            clean_pcs=list(clean_pcs),
         )
 
 
@@ -173,9 +183,35 @@ def score_bases(
     else:
         lo = hi = math.nan
     summary["r_act_ci_lo"], summary["r_act_ci_hi"] = lo, hi
+    summary.update(_secondary_scores(hyp, bases, targets, used))
     summary["joint"] = joint_score(summary["r_act"], summary["r_w_combined"])
     summary["act_w_gap_log2"] = act_w_gap_log2(summary["r_act"], summary["r_w_combined"])
     return {"rows": rows, "summary": summary}
+
+
+def _secondary_scores(
+    hyp: Hypothesis, bases: Sequence[torch.Tensor | None], targets: DiffTargets, used: list[int]
+) -> dict[str, float]:
+    """SPEC §4's structured null and specificity, layer means over `used` (write/mixed only).
+
+    r_w_struct: E(B) on the combined weight target over its mean under random subspaces
+    orth(W·G) shaped like the layer's base [W_o | W_down] (1 = no better than the weights' own
+    span). r_act_specific: R_act after removing the top-k clean FIT PCs from labels and basis,
+    scored in the complement with its own null.
+    """
+    out = {"r_w_struct": math.nan, "r_act_specific": math.nan}
+    if hyp.axis not in ("write", "mixed") or not used:
+        return out
+    if targets.write_weights:
+        values = [structured_recovery(bases[l], targets.w_combined[l], targets.write_weights[l],
+                                      n_samples=STRUCTURED_SAMPLES, generator=l).r_struct
+                  for l in used if targets.w_combined[l] is not None]
+        out["r_w_struct"] = float(np.nanmean(values)) if values else math.nan
+    if targets.clean_pcs:
+        values = [specificity(bases[l], targets.labels[l], targets.clean_pcs[l]).r for l in used]
+        values = [v for v in values if not math.isnan(v)]
+        out["r_act_specific"] = float(np.mean(values)) if values else math.nan
+    return out
 
 
 class Scoreboard:
@@ -340,8 +376,12 @@ class Scoreboard:
             diff = self.diff(diff_name)
             deltas = self.deltas(diff)
             touched = sorted({layer for (layer, _), m in deltas.items() if bool(m.any())})
+            arch, k = self.session.arch, self.session.config.rank
+            clean = self.session.capture("fit", "clean", "mlp")["resid"]
             self._targets[diff_name] = DiffTargets.build(
-                self.session.labels(diff)["eval"], deltas, touched
+                self.session.labels(diff)["eval"], deltas, touched,
+                write_weights=[arch.layer(l).write for l in range(arch.n_layers)],
+                clean_pcs=[pca_basis(clean[l], k) for l in range(arch.n_layers)],
             )
         return self._targets[diff_name]
 
