@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +37,12 @@ def make_steering_diff(session: HarnessSession, scale: float = 0.5) -> dict[str,
         v = (F.silu(h @ weights.gate.T) * (h @ weights.up.T)).mean(0)
         w[arch.param_name(layer, "down")] = scale * torch.outer(u / u.norm(), v / v.norm().square())
     return w
+
+
+@pytest.fixture(scope="session")
+def steering_diff() -> Callable[..., dict[str, torch.Tensor]]:
+    """make_steering_diff, for tests that build steering diffs on their own sessions."""
+    return make_steering_diff
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ws_harness import lora
 from ws_harness.capture import capture_last_token
@@ -31,23 +31,8 @@ from ws_harness.steering import (
     steering_curve,
 )
 
+MakeDiff = Callable[..., dict[str, torch.Tensor]]  # the `steering_diff` fixture
 FAST = {"steps": 2, "batch_size": 2}  # a few seconds per build on the tiny model
-
-
-def steering_diff(session: HarnessSession, scale: float = 0.5) -> dict[str, torch.Tensor]:
-    """Hand-made diff that steers: every down_proj writes along W_U[Yes] − W_U[No] in
-    proportion to the MLP's mean FIT activation (rank 1 per layer)."""
-    arch = session.arch
-    yes, no = answer_token_ids(session.tokenizer, session.behaviour.answer_tokens)
-    u = arch.unembedding[yes] - arch.unembedding[no]
-    caps = capture_last_token(session.model, arch, session.probes("fit"), mlp=True)
-    w = {}
-    for layer in range(arch.n_layers):
-        weights = arch.layer(layer)
-        h = caps["up_in"][layer]
-        v = (F.silu(h @ weights.gate.T) * (h @ weights.up.T)).mean(0)
-        w[arch.param_name(layer, "down")] = scale * torch.outer(u / u.norm(), v / v.norm().square())
-    return w
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -112,7 +97,7 @@ def test_any_model_parameter_is_a_valid_key_and_peft_prefixes_are_stripped(
     assert validate_diff({"a.weight": torch.ones(2, 3)}, {"a.weight": (2, 3)})
 
 
-def test_pt_and_safetensors_round_trip_with_one_fingerprint(
+def test_pt_and_safetensors_round_trip_with_one_fingerprint(steering_diff: MakeDiff,
     tiny: HarnessSession, tmp_path: Path
 ) -> None:
     w = steering_diff(tiny)
@@ -146,7 +131,9 @@ def test_bad_files_fail_before_use(tiny: HarnessSession, tmp_path: Path) -> None
 
 
 # ---- weight_steer ----------------------------------------------------------------------------
-def test_weight_steer_adds_alpha_w_and_restores_bit_for_bit(tiny: HarnessSession) -> None:
+def test_weight_steer_adds_alpha_w_and_restores_bit_for_bit(
+    steering_diff: MakeDiff, tiny: HarnessSession
+) -> None:
     model, w = tiny.model, steering_diff(tiny)
     before = snapshot(model)
     key = next(iter(w))
@@ -161,7 +148,7 @@ def test_weight_steer_adds_alpha_w_and_restores_bit_for_bit(tiny: HarnessSession
     assert_bitwise_equal(model, before)
 
 
-def test_weight_steer_restores_when_the_body_raises(tiny: HarnessSession) -> None:
+def test_weight_steer_restores_when_the_body_raises(steering_diff: MakeDiff, tiny: HarnessSession) -> None:
     model, w = tiny.model, steering_diff(tiny)
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="boom"):
@@ -191,7 +178,9 @@ def test_answer_tokens_of_the_embedded_tokenizer(tiny: HarnessSession) -> None:
         answer_token_ids(tiny.tokenizer, {"positive": "Yes", "negative": "Yes"})
 
 
-def test_steering_check_passes_a_steering_diff_and_fails_its_negation(tiny: HarnessSession) -> None:
+def test_steering_check_passes_a_steering_diff_and_fails_its_negation(
+    steering_diff: MakeDiff, tiny: HarnessSession
+) -> None:
     probes, ids = tiny.probes("eval"), tiny.answer_ids
     w = steering_diff(tiny)
     curve = steering_curve(tiny.model, probes, w, ids)
@@ -298,7 +287,7 @@ def test_unknown_recipe_and_hparams_are_named() -> None:
 
 
 # ---- session: diffs, steering, labels ----------------------------------------------------------
-def test_session_loads_checks_and_labels_diff_files(
+def test_session_loads_checks_and_labels_diff_files(steering_diff: MakeDiff,
     private: HarnessSession, tmp_path: Path
 ) -> None:
     paths = []
@@ -328,7 +317,7 @@ def test_session_loads_checks_and_labels_diff_files(
     assert {"steering", "labels"} <= kinds
 
 
-def test_session_rejects_a_diff_that_does_not_steer(
+def test_session_rejects_a_diff_that_does_not_steer(steering_diff: MakeDiff,
     private: HarnessSession, tmp_path: Path
 ) -> None:
     path = tmp_path / "backwards.pt"

@@ -176,3 +176,20 @@ def test_module_without_docstring_is_rejected() -> None:
         per_layer(family="x", axis="mixed")(basis)
     with pytest.raises(ValueError, match="axis 'sideways'"):
         per_layer(family="x", axis="sideways")
+
+
+def test_session_fixtures_expose_diffs_and_labels(
+    pytester: pytest.Pytester, tiny: HarnessSession, tiny_diff_files: list[Path]
+) -> None:
+    write_project(pytester, tiny.config.cache_dir, tiny_diff_files)
+    pytester.makepyfile(test_fixtures="""
+        def test_b_side(ws_diffs, ws_labels, ws_arch):
+            assert [d.name for d in ws_diffs] == ["w0", "w1"]
+            for name, labels in ws_labels.items():
+                assert labels["eval"].shape == (ws_arch.n_layers, 20, ws_arch.d_model)
+                assert labels["fit"].shape == (ws_arch.n_layers, 20, ws_arch.d_model)
+                assert labels["eval"].abs().sum() > 0
+    """)
+    pytester.runpytest_subprocess("test_fixtures.py", "-p", "no:cacheprovider").assert_outcomes(
+        passed=1
+    )

@@ -105,6 +105,18 @@ def ws_behaviour(ws_session: HarnessSession) -> Behaviour:
 
 
 @pytest.fixture(scope="session")
+def ws_diffs(ws_session: HarnessSession) -> list[Any]:
+    """The run's diffs (built or loaded, validated, each checked to steer), in diff_plan order."""
+    return ws_session.diffs()
+
+
+@pytest.fixture(scope="session")
+def ws_labels(ws_session: HarnessSession, ws_diffs: list[Any]) -> dict[str, dict[str, Any]]:
+    """B side per diff name: {'eval': label [L, n_eval, d], 'fit': label_fit [L, n_fit, d]}."""
+    return {diff.name: ws_session.labels(diff) for diff in ws_diffs}
+
+
+@pytest.fixture(scope="session")
 def ws_fit_captures(ws_session: HarnessSession) -> dict[str, Any]:
     """FIT-side last-token captures per condition: {'clean': {...}, 'positive': {...}, ...}."""
     return {cond: ws_session.capture("fit", cond, "mlp") for cond in ("clean", "positive", "negative")}
