@@ -124,7 +124,6 @@ def _print_curve(curve: Any) -> None:
 def _diff_build(args: argparse.Namespace) -> int:
     from ws_harness.diffs import save_diff
     from ws_harness.lora import build_diff
-    from ws_harness.steering import DiffDoesNotSteerError, check_steers
 
     if args.out.suffix not in (".pt", ".safetensors"):
         print(f"error: --out {args.out}: use a .pt or .safetensors file name", file=sys.stderr)
@@ -136,27 +135,36 @@ def _diff_build(args: argparse.Namespace) -> int:
                                    "rank": args.lora_rank}.items() if v is not None}
     session = _session(args)
     diff = build_diff(session, args.seed, args.recipe, overrides or None, progress=args.progress)
-    _print_diagnostics(diff)
-    curve = session.steering(diff)
-    _print_curve(curve)
-    try:
-        check_steers(curve, diff.name)
-    except DiffDoesNotSteerError as exc:
+    failure = _show_and_check(session, diff)
+    if failure is not None:
         if args.force:
             save_diff(diff, args.out)
             print(f"wrote {args.out} (--force) although the diff does not steer", file=sys.stderr)
         else:
             print(f"not written: {args.out}; pass --force to write it anyway", file=sys.stderr)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {failure}", file=sys.stderr)
         return EXIT_DOES_NOT_STEER
     save_diff(diff, args.out)
     print(f"wrote {args.out}")
     return EXIT_OK
 
 
+def _show_and_check(session: Any, diff: Any) -> Exception | None:
+    """Print a diff's diagnostics and steering curve; the DiffDoesNotSteerError if it fails."""
+    from ws_harness.steering import DiffDoesNotSteerError, check_steers
+
+    _print_diagnostics(diff)
+    curve = session.steering(diff)
+    _print_curve(curve)
+    try:
+        check_steers(curve, diff.name)
+    except DiffDoesNotSteerError as exc:
+        return exc
+    return None
+
+
 def _diff_check(args: argparse.Namespace) -> int:
     from ws_harness.diffs import load_diff
-    from ws_harness.steering import DiffDoesNotSteerError, check_steers
 
     session = _session(args)
     try:
@@ -164,13 +172,9 @@ def _diff_check(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"error: invalid diff: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    _print_diagnostics(diff)
-    curve = session.steering(diff)
-    _print_curve(curve)
-    try:
-        check_steers(curve, diff.name)
-    except DiffDoesNotSteerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    failure = _show_and_check(session, diff)
+    if failure is not None:
+        print(f"error: {failure}", file=sys.stderr)
         return EXIT_DOES_NOT_STEER
     print(f"ok: {args.file} is valid for {session.config.model} and steers")
     return EXIT_OK
