@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -55,3 +56,25 @@ def tiny_diff_files(tiny: HarnessSession, tmp_path_factory: pytest.TempPathFacto
         torch.save(make_steering_diff(tiny, scale), path)
         paths.append(path)
     return paths
+
+
+def _write_tiny_project(pytester: pytest.Pytester, cache: Path, diffs: list[Path]) -> Path:
+    """A pytester project on random:tiny with the given diff files; returns its hypotheses/ folder."""
+    pytester.makeconftest('pytest_plugins = ["ws_harness.plugin"]\n')
+    pytester.makefile(".toml", pyproject=textwrap.dedent(f"""
+        [tool.ws_harness]
+        model = "random:tiny"
+        diff = "{','.join(str(p) for p in diffs)}"
+        rank = 4
+        cache_dir = "{cache}"
+        out = "out"
+    """))
+    folder = pytester.path / "hypotheses"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def write_tiny_project() -> Callable[[pytest.Pytester, Path, list[Path]], Path]:
+    """The project writer shared by the pytester sweeps (contract and snapshot-gate tests)."""
+    return _write_tiny_project

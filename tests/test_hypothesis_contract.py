@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import gc
-import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,8 @@ import torch
 from ws_harness.hypothesis import FitContext, per_layer
 from ws_harness.scoreboard import Scoreboard
 from ws_harness.session import HarnessSession
+
+WriteProject = Callable[[pytest.Pytester, Path, list[Path]], Path]  # conftest fixture
 
 GOOD = '''
 """my_write: top-k left singular vectors of W_o (a user-added hypothesis)."""
@@ -48,23 +50,10 @@ BROKEN = {
 
 
 def write_project(
-    pytester: pytest.Pytester, cache: Path, diffs: list[Path], *, my_write_refuted: str = "",
-    answer_refuted: str = "",
+    writer: WriteProject, pytester: pytest.Pytester, cache: Path, diffs: list[Path], *,
+    my_write_refuted: str = "", answer_refuted: str = "",
 ) -> None:
-    pytester.makeconftest('pytest_plugins = ["ws_harness.plugin"]\n')
-    pytester.makefile(
-        ".toml",
-        pyproject=textwrap.dedent(f"""
-            [tool.ws_harness]
-            model = "random:tiny"
-            diff = "{','.join(str(p) for p in diffs)}"
-            rank = 4
-            cache_dir = "{cache}"
-            out = "out"
-        """),
-    )
-    folder = pytester.path / "hypotheses"
-    folder.mkdir(exist_ok=True)
+    folder = writer(pytester, cache, diffs)
     (folder / "test_my_write.py").write_text(GOOD.format(refuted=my_write_refuted))
     (folder / "test_answer_direction.py").write_text(ANSWER.format(refuted=answer_refuted))
 
@@ -75,9 +64,11 @@ ALL_REFUTED = ', refuted=["r_act", "r_w_combined"]'
 
 
 def test_a_dropped_in_file_is_built_scored_claimed_and_ranked(
-    pytester: pytest.Pytester, tiny: HarnessSession, tiny_diff_files: list[Path]
+    pytester: pytest.Pytester, tiny: HarnessSession, tiny_diff_files: list[Path],
+    write_tiny_project: WriteProject,
 ) -> None:
-    write_project(pytester, tiny.config.cache_dir, tiny_diff_files, my_write_refuted=ALL_REFUTED)
+    write_project(write_tiny_project, pytester, tiny.config.cache_dir, tiny_diff_files,
+                  my_write_refuted=ALL_REFUTED)
     result = pytester.runpytest_subprocess(*SWEEP)
     # W_o of a random model has nothing to do with the diff: its claims are recorded findings.
     result.assert_outcomes(passed=2 + 4, xfailed=4)
@@ -107,10 +98,11 @@ def test_a_dropped_in_file_is_built_scored_claimed_and_ranked(
 
 
 def test_recorded_findings_fail_when_stale_or_missing(
-    pytester: pytest.Pytester, tiny: HarnessSession, tiny_diff_files: list[Path]
+    pytester: pytest.Pytester, tiny: HarnessSession, tiny_diff_files: list[Path],
+    write_tiny_project: WriteProject,
 ) -> None:
     # Swap the records: the claims that hold are recorded refuted, the failing ones are not.
-    write_project(pytester, tiny.config.cache_dir, tiny_diff_files,
+    write_project(write_tiny_project, pytester, tiny.config.cache_dir, tiny_diff_files,
                   answer_refuted=', refuted={"r_act": ["w0", "w1"]}')
     result = pytester.runpytest_subprocess(*SWEEP)
     result.assert_outcomes(passed=2 + 2, failed=4 + 2)
@@ -121,9 +113,11 @@ def test_recorded_findings_fail_when_stale_or_missing(
 
 
 def test_broken_hypotheses_fail_alone_and_are_excluded(
-    pytester: pytest.Pytester, tiny: HarnessSession, tiny_diff_files: list[Path]
+    pytester: pytest.Pytester, tiny: HarnessSession, tiny_diff_files: list[Path],
+    write_tiny_project: WriteProject,
 ) -> None:
-    write_project(pytester, tiny.config.cache_dir, tiny_diff_files, my_write_refuted=ALL_REFUTED)
+    write_project(write_tiny_project, pytester, tiny.config.cache_dir, tiny_diff_files,
+                  my_write_refuted=ALL_REFUTED)
     for name, body in BROKEN.items():
         (pytester.path / "hypotheses" / f"test_{name}.py").write_text(
             f'"""{name}: a deliberately broken hypothesis."""\nimport torch\n'
@@ -179,9 +173,10 @@ def test_module_without_docstring_is_rejected() -> None:
 
 
 def test_session_fixtures_expose_diffs_and_labels(
-    pytester: pytest.Pytester, tiny: HarnessSession, tiny_diff_files: list[Path]
+    pytester: pytest.Pytester, tiny: HarnessSession, tiny_diff_files: list[Path],
+    write_tiny_project: WriteProject,
 ) -> None:
-    write_project(pytester, tiny.config.cache_dir, tiny_diff_files)
+    write_project(write_tiny_project, pytester, tiny.config.cache_dir, tiny_diff_files)
     pytester.makepyfile(test_fixtures="""
         def test_b_side(ws_diffs, ws_labels, ws_arch):
             assert [d.name for d in ws_diffs] == ["w0", "w1"]

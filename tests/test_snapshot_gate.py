@@ -7,6 +7,7 @@ import json
 import math
 import re
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -243,18 +244,11 @@ def basis(fit):
 SNAPSHOT = "snapshots/ranking__random-tiny__files-*__k4__sycophancy.json"
 
 
-def write_project(pytester: pytest.Pytester, cache: Path, diffs: list[Path]) -> None:
-    pytester.makeconftest('pytest_plugins = ["ws_harness.plugin"]\n')
-    pytester.makefile(".toml", pyproject=textwrap.dedent(f"""
-        [tool.ws_harness]
-        model = "random:tiny"
-        diff = "{','.join(str(p) for p in diffs)}"
-        rank = 4
-        cache_dir = "{cache}"
-        out = "out"
-    """))
-    folder = pytester.path / "hypotheses"
-    folder.mkdir(exist_ok=True)
+def write_project(
+    writer: Callable[[pytest.Pytester, Path, list[Path]], Path], pytester: pytest.Pytester,
+    cache: Path, diffs: list[Path],
+) -> None:
+    folder = writer(pytester, cache, diffs)
     set_answer(pytester, RECOVERS)
     (folder / "test_my_write.py").write_text(MY_WRITE)
     (folder / "test_lm_head_read.py").write_text(LM_HEAD_READ)
@@ -275,9 +269,10 @@ def the_snapshot(pytester: pytest.Pytester) -> Path:
 
 
 def test_the_gate_records_passes_unrelated_edits_and_fails_a_random_basis(
-    pytester: pytest.Pytester, tiny: HarnessSession, tiny_diff_files: list[Path]
+    pytester: pytest.Pytester, tiny: HarnessSession, tiny_diff_files: list[Path],
+    write_tiny_project: Callable[[pytest.Pytester, Path, list[Path]], Path],
 ) -> None:
-    write_project(pytester, tiny.config.cache_dir, tiny_diff_files)
+    write_project(write_tiny_project, pytester, tiny.config.cache_dir, tiny_diff_files)
     # 1. No snapshot yet: the gate fails and says how to record one (never a silent pass).
     result = sweep(pytester, "-k", "ws_ranking")
     result.assert_outcomes(failed=1, deselected=13)

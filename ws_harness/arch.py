@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ROLES", "WRITE_ROLES", "READ_ROLES", "Architecture", "LayerWeights"]
+__all__ = ["ROLES", "WRITE_ROLES", "READ_ROLES", "Architecture", "LayerWeights", "expand_kv"]
 
 # role -> module path inside decoder layer i (Llama/Qwen/Mistral/Gemma naming).
 ROLES: dict[str, str] = {
@@ -42,6 +42,17 @@ class LayerWeights:
     def write(self) -> torch.Tensor:
         """[W_o | W_down]: every direction this layer can add to the residual stream, [d, H·hd + d_ff]."""
         return torch.cat([self.o, self.down], dim=1)
+
+
+def expand_kv(w_kv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """[H_kv·hd, d] → [H·hd, d]: each KV head's rows repeated for the query heads that share it."""
+    if w_kv.shape[0] != n_kv_heads * head_dim:
+        raise ValueError(
+            f"expand_kv expects {n_kv_heads * head_dim} rows "
+            f"(n_kv_heads·head_dim), got shape {tuple(w_kv.shape)}"
+        )
+    heads = w_kv.reshape(n_kv_heads, head_dim, -1)
+    return heads.repeat_interleave(n_heads // n_kv_heads, dim=0).reshape(n_heads * head_dim, -1)
 
 
 class Architecture:
@@ -121,15 +132,7 @@ class Architecture:
 
     def expand_kv(self, w_kv: torch.Tensor) -> torch.Tensor:
         """Repeat a K or V weight's rows per GQA group: [H_kv·hd, d] → [H·hd, d], head-aligned with q/o."""
-        if w_kv.shape[0] != self.n_kv_heads * self.head_dim:
-            raise ValueError(
-                f"expand_kv expects {self.n_kv_heads * self.head_dim} rows "
-                f"(n_kv_heads·head_dim), got shape {tuple(w_kv.shape)}"
-            )
-        heads = w_kv.reshape(self.n_kv_heads, self.head_dim, -1)
-        return heads.repeat_interleave(self.gqa_group, dim=0).reshape(
-            self.n_heads * self.head_dim, -1
-        )
+        return expand_kv(w_kv, self.n_heads, self.n_kv_heads, self.head_dim)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of every parameter of the seven roles, keyed by parameter name."""

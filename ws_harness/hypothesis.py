@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from ws_harness.arch import Architecture, LayerWeights
+from ws_harness.arch import Architecture, LayerWeights, expand_kv
 
 __all__ = [
     "AXIS_KINDS",
@@ -197,13 +197,7 @@ class BaseWeights:
 
     def expand_kv(self, w_kv: torch.Tensor) -> torch.Tensor:
         """[H_kv·hd, d] → [H·hd, d]: each KV head's rows repeated for the query heads that share it."""
-        group = self.n_heads // self.n_kv_heads
-        if w_kv.shape[0] != self.n_kv_heads * self.head_dim:
-            raise ValueError(
-                f"expand_kv expects {self.n_kv_heads * self.head_dim} rows, got {tuple(w_kv.shape)}"
-            )
-        heads = w_kv.reshape(self.n_kv_heads, self.head_dim, -1)
-        return heads.repeat_interleave(group, dim=0).reshape(self.n_heads * self.head_dim, -1)
+        return expand_kv(w_kv, self.n_heads, self.n_kv_heads, self.head_dim)
 
 
 @dataclass(frozen=True)
