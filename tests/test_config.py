@@ -1,10 +1,25 @@
 """Configuration layering and validation."""
 
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
+import tomllib
 
-from ws_harness.config import ConfigError, parse_seeds, resolve_config
+from ws_harness.config import (
+    ENV_VARS,
+    SETTINGS,
+    ConfigError,
+    HarnessConfig,
+    cli_values,
+    parse_seeds,
+    resolve_config,
+    settings_markdown,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = [s.name for s in SETTINGS]
 
 
 def write_pyproject(root: Path, body: str) -> None:
@@ -80,3 +95,102 @@ def test_bad_option_fails_at_startup(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-p", "ws_harness.plugin", "--ws-rank", "-3")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*ws-harness configuration: --ws-rank: rank must be a positive*"])
+
+
+def test_settings_table_is_the_one_source() -> None:
+    assert NAMES == ["model", "diff", "seeds", "rank", "out", "cache_dir", "behaviour"]
+    assert [f.name for f in fields(HarnessConfig) if f.name != "sources"] == NAMES
+    defaults = HarnessConfig()
+    for s in SETTINGS:
+        assert getattr(defaults, s.name) == s.default
+        assert ENV_VARS[s.name] == s.env == "WS_" + s.name.upper()
+        assert s.option == "--ws-" + s.name.replace("_", "-")
+        assert s.dest == "ws_" + s.name
+    assert [s.shown_default for s in SETTINGS] == [
+        "smollm2-135m-instruct", "build", "0,1,2", "8", "ws-out", ".ws-cache", "sycophancy"
+    ]
+
+
+def test_readme_table_is_generated_from_settings() -> None:
+    assert settings_markdown() in (REPO / "README.md").read_text()
+
+
+def test_pyproject_keys_are_the_settings() -> None:
+    with (REPO / "pyproject.toml").open("rb") as fh:
+        table = tomllib.load(fh)["tool"]["ws_harness"]
+    assert set(table) == set(NAMES)
+
+
+def _layer_values(name: str, root: Path) -> tuple[str, str, str, tuple[Any, Any, Any]]:
+    """(pyproject TOML literal, env value, cli value, their parsed values) for one setting."""
+    for f in ("a.pt", "b.safetensors", "e.json", "c.json"):
+        (root / f).write_bytes(b"")
+    return {
+        "model": ('"random:tiny"', "random:qwen3-0.6b", "org/name",
+                  ("random:tiny", "random:qwen3-0.6b", "org/name")),
+        "diff": ('"build"', "a.pt", "b.safetensors",
+                 ("build", (root / "a.pt",), (root / "b.safetensors",))),
+        "seeds": ("[4]", "5,6", "7", ((4,), (5, 6), (7,))),
+        "rank": ("2", "3", "4", (2, 3, 4)),
+        "out": ('"o1"', "o2", "o3", (root / "o1", root / "o2", root / "o3")),
+        "cache_dir": ('"c1"', "c2", "c3", (root / "c1", root / "c2", root / "c3")),
+        "behaviour": ('"sycophancy"', str(root / "e.json"), str(root / "c.json"),
+                      ("sycophancy", str(root / "e.json"), str(root / "c.json"))),
+    }[name]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=NAMES)
+def test_each_setting_honours_pyproject_env_and_option_in_order(tmp_path: Path, setting: Any) -> None:
+    name, env = setting.name, setting.env
+    toml, env_value, cli_value, (from_toml, from_env, from_cli) = _layer_values(name, tmp_path)
+
+    def check(cli: dict[str, Any], environ: dict[str, str], expected: Any, source: str | None) -> None:
+        cfg = resolve_config(tmp_path, cli, environ)
+        assert getattr(cfg, name) == expected
+        assert cfg.sources.get(name) == source
+        for other in SETTINGS:  # the other settings keep their built-in defaults
+            if other is not setting:
+                assert getattr(cfg, other.name) == other.default_for(tmp_path)
+
+    check({}, {}, setting.default_for(tmp_path), None)
+    write_pyproject(tmp_path, f"{name} = {toml}\n")
+    toml_source = f"{tmp_path / 'pyproject.toml'} [tool.ws_harness] {name}"
+    check({}, {}, from_toml, toml_source)
+    check({name: None}, {env: "  "}, from_toml, toml_source)  # unset option, blank env: ignored
+    check({}, {env: env_value}, from_env, f"environment variable {env}")
+    check({name: cli_value}, {env: env_value}, from_cli, setting.option)
+    check({name: cli_value}, {}, from_cli, setting.option)
+
+
+def test_unknown_cli_setting_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) \['rnak'\]"):
+        resolve_config(tmp_path, {"rnak": 3}, environ={})
+
+
+def test_plugin_options_read_back_by_setting_name(pytestconfig: pytest.Config) -> None:
+    assert list(cli_values(pytestconfig)) == NAMES
+
+
+def test_pytest_options_come_from_settings(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeconftest(
+        "from ws_harness.config import add_pytest_options\n"
+        "def pytest_addoption(parser):\n"
+        "    add_pytest_options(parser.getgroup('ws-test'))\n"
+    )
+    pytester.makepyfile(
+        "from ws_harness.config import cli_values\n"
+        "def test_values(pytestconfig):\n"
+        "    assert cli_values(pytestconfig) == {'model': None, 'diff': None, 'seeds': '4,5',\n"
+        "        'rank': '3', 'out': None, 'cache_dir': 'c', 'behaviour': None}\n"
+    )
+    result = pytester.runpytest("--ws-rank", "3", "--ws-cache-dir", "c", "--ws-seeds=4,5")
+    result.assert_outcomes(passed=1)
+    monkeypatch.setenv("COLUMNS", "400")  # no help text wraps
+    result = pytester.runpytest("--help")
+    result.stdout.fnmatch_lines(
+        [f"*{s.help} (env {s.env}; default {s.shown_default})" for s in SETTINGS]
+    )
+    for s in SETTINGS:
+        assert f"{s.option}={s.dest.upper()}" in result.stdout.str()

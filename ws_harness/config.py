@@ -1,68 +1,44 @@
-"""Run configuration: defaults, `[tool.ws_harness]` in pyproject.toml, WS_* env vars, --ws-* options."""
+"""Run configuration: defaults, `[tool.ws_harness]` in pyproject.toml, WS_* env vars, --ws-* options.
+
+Every setting is declared once, in `SETTINGS`; the dataclass defaults, the env var names, the
+pytest options and the README's configuration table are all derived from it.
+"""
 
 from __future__ import annotations
 
+import html
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 
+if TYPE_CHECKING:  # pytest is only needed by the plugin, not to resolve a configuration
+    import pytest
+
 __all__ = [
     "ConfigError",
+    "Setting",
+    "SETTINGS",
     "HarnessConfig",
     "ENV_VARS",
     "parse_seeds",
     "parse_diff",
     "validate_model_spec",
     "resolve_config",
+    "add_pytest_options",
+    "cli_values",
+    "settings_markdown",
 ]
 
-# Precedence, lowest to highest: built-in default < pyproject < environment < command line.
-ENV_VARS = {
-    "model": "WS_MODEL",
-    "diff": "WS_DIFF",
-    "seeds": "WS_SEEDS",
-    "rank": "WS_RANK",
-    "out": "WS_OUT",
-    "cache_dir": "WS_CACHE_DIR",
-    "behaviour": "WS_BEHAVIOUR",
-}
-
-_DIFF_SUFFIXES = (".pt", ".safetensors")
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the setting, its source and the fix."""
-
-
-@dataclass(frozen=True)
-class HarnessConfig:
-    """What a run uses. `diff` is "build" (the harness trains one diff per seed) or diff files."""
-
-    model: str = "smollm2-135m-instruct"
-    diff: tuple[Path, ...] | str = "build"
-    seeds: tuple[int, ...] = (0, 1, 2)
-    rank: int = 8
-    out: Path = Path("ws-out")
-    cache_dir: Path = Path(".ws-cache")
-    behaviour: str = "sycophancy"
-    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def builds_diffs(self) -> bool:
-        return self.diff == "build"
-
-    def diff_plan(self) -> list[tuple[str, int | None]]:
-        """(name, seed) per diff of the run: ('seed0', 0)… when building, (file stem, None) when loading."""
-        if self.builds_diffs:
-            return [(f"seed{s}", s) for s in self.seeds]
-        names = [p.stem for p in self.diff]  # type: ignore[union-attr]
-        # Two files with one stem (a.pt, a.safetensors) must still get distinct names.
-        return [(n if names.count(n) == 1 else p.name, None) for n, p in zip(names, self.diff)]
 
 
 def parse_seeds(value: Any, source: str = "seeds") -> tuple[int, ...]:
@@ -101,13 +77,16 @@ def parse_diff(value: Any, source: str = "diff", base: Path | None = None) -> tu
         raise ConfigError(f"{source}: expected 'build' or diff file paths, got {value!r}")
     if value.strip() == "build":
         return "build"
+    # Imported here: diffs imports torch, which only a run that loads diff files needs.
+    from ws_harness.diffs import DIFF_SUFFIXES
+
     paths: list[Path] = []
     for raw in (s.strip() for s in value.split(",") if s.strip()):
         path = Path(raw)
         if base is not None and not path.is_absolute():
             path = base / path
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in _DIFF_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if p.suffix in DIFF_SUFFIXES)
             if not found:
                 raise ConfigError(
                     f"{source}: directory {path} holds no .pt or .safetensors diff files"
@@ -118,7 +97,7 @@ def parse_diff(value: Any, source: str = "diff", base: Path | None = None) -> tu
                 f"{source}: diff file {path} does not exist; pass existing .pt/.safetensors "
                 "files (comma-separated), a directory of them, or 'build'"
             )
-        elif path.suffix not in _DIFF_SUFFIXES:
+        elif path.suffix not in DIFF_SUFFIXES:
             raise ConfigError(
                 f"{source}: {path} has suffix {path.suffix!r}; a diff is a torch.save'd dict "
                 "(.pt) or a .safetensors file"
@@ -152,7 +131,19 @@ def validate_model_spec(spec: Any, source: str = "model") -> str:
     )
 
 
-def _parse_rank(value: Any, source: str) -> int:
+def _parse_model(value: Any, source: str, rootdir: Path) -> str:
+    return validate_model_spec(value, source)
+
+
+def _parse_diff(value: Any, source: str, rootdir: Path) -> tuple[Path, ...] | str:
+    return parse_diff(value, source, base=rootdir)
+
+
+def _parse_seeds(value: Any, source: str, rootdir: Path) -> tuple[int, ...]:
+    return parse_seeds(value, source)
+
+
+def _parse_rank(value: Any, source: str, rootdir: Path) -> int:
     try:
         rank = int(value)
     except (TypeError, ValueError):
@@ -160,6 +151,119 @@ def _parse_rank(value: Any, source: str) -> int:
     if isinstance(value, bool) or rank < 1 or str(value).strip() not in (str(rank), f"{rank}.0"):
         raise ConfigError(f"{source}: rank must be a positive integer, got {value!r}")
     return rank
+
+
+def _parse_dir(value: Any, source: str, rootdir: Path) -> Path:
+    if not isinstance(value, (str, Path)) or not str(value).strip():
+        raise ConfigError(f"{source}: expected a directory path, got {value!r}")
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else rootdir / path
+
+
+def _parse_behaviour(value: Any, source: str, rootdir: Path) -> str:
+    from ws_harness.data import available_behaviours
+
+    names = available_behaviours()
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{source}: expected a behaviour name ({', '.join(names)}) or the path of a "
+            f"behaviour .json file, got {value!r}"
+        )
+    if value not in names and not Path(value).is_file():
+        raise ConfigError(
+            f"{source}: unknown behaviour {value!r}; choose one of {names} "
+            "or pass the path of a behaviour .json file"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name, env var, built-in default, parser `(value, source, rootdir)` and help."""
+
+    name: str
+    env: str
+    default: Any
+    parse: Callable[[Any, str, Path], Any]
+    help: str
+
+    @property
+    def option(self) -> str:
+        """The pytest option, e.g. `--ws-cache-dir`."""
+        return "--ws-" + self.name.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        """The pytest option's dest, e.g. `ws_cache_dir`."""
+        return f"ws_{self.name}"
+
+    @property
+    def shown_default(self) -> str:
+        """The default as a user would type it: `0,1,2`, `ws-out`."""
+        if isinstance(self.default, (tuple, list)):
+            return ",".join(str(v) for v in self.default)
+        return str(self.default)
+
+    def default_for(self, rootdir: Path) -> Any:
+        """The built-in default for a run in `rootdir` (a relative Path default is under rootdir)."""
+        if isinstance(self.default, Path) and not self.default.is_absolute():
+            return rootdir / self.default
+        return self.default
+
+
+# Precedence, lowest to highest: built-in default < pyproject < environment < command line.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("model", "WS_MODEL", "smollm2-135m-instruct", _parse_model,
+            "model spec: smollm2-135m-instruct, random:<preset>, a local dir or a cached HF id"),
+    Setting("diff", "WS_DIFF", "build", _parse_diff,
+            "'build' (train one diff per seed) or .pt/.safetensors files, comma-separated, or a dir"),
+    Setting("seeds", "WS_SEEDS", (0, 1, 2), _parse_seeds,
+            "comma-separated diff seeds to build, e.g. 0,1,2"),
+    Setting("rank", "WS_RANK", 8, _parse_rank, "basis rank k of every hypothesis"),
+    Setting("out", "WS_OUT", Path("ws-out"), _parse_dir,
+            "output folder for tables, plots and the conclusion"),
+    Setting("cache_dir", "WS_CACHE_DIR", Path(".ws-cache"), _parse_dir,
+            "on-disk cache for converted models, diffs and captures"),
+    Setting("behaviour", "WS_BEHAVIOUR", "sycophancy", _parse_behaviour,
+            "behaviour data: a shipped name (sycophancy) or a .json path"),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+ENV_VARS: dict[str, str] = {s.name: s.env for s in SETTINGS}
+
+
+def _default(name: str) -> Any:
+    return _BY_NAME[name].default
+
+
+@dataclass(frozen=True)
+class HarnessConfig:
+    """What a run uses. `diff` is "build" (the harness trains one diff per seed) or diff files."""
+
+    model: str = _default("model")
+    diff: tuple[Path, ...] | str = _default("diff")
+    seeds: tuple[int, ...] = _default("seeds")
+    rank: int = _default("rank")
+    out: Path = _default("out")
+    cache_dir: Path = _default("cache_dir")
+    behaviour: str = _default("behaviour")
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def builds_diffs(self) -> bool:
+        return self.diff == "build"
+
+    def diff_plan(self) -> list[tuple[str, int | None]]:
+        """(name, seed) per diff of the run: ('seed0', 0)… when building, (file stem, None) when loading."""
+        if self.builds_diffs:
+            return [(f"seed{s}", s) for s in self.seeds]
+        names = [p.stem for p in self.diff]  # type: ignore[union-attr]
+        # Two files with one stem (a.pt, a.safetensors) must still get distinct names.
+        return [(n if names.count(n) == 1 else p.name, None) for n, p in zip(names, self.diff)]
+
+
+_FIELDS = tuple(f.name for f in fields(HarnessConfig) if f.name != "sources")
+if _FIELDS != tuple(_BY_NAME):
+    raise RuntimeError(f"HarnessConfig fields {_FIELDS} differ from the SETTINGS {tuple(_BY_NAME)}")
 
 
 def _load_pyproject(rootdir: Path) -> dict[str, Any]:
@@ -171,7 +275,7 @@ def _load_pyproject(rootdir: Path) -> dict[str, Any]:
             table = tomllib.load(fh).get("tool", {}).get("ws_harness", {})
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: cannot parse TOML ({exc})") from None
-    known = {f.name for f in fields(HarnessConfig)} - {"sources"}
+    known = set(_BY_NAME)
     unknown = sorted(set(table) - known)
     if unknown:
         raise ConfigError(
@@ -187,45 +291,53 @@ def resolve_config(
 ) -> HarnessConfig:
     """Merge the four layers and validate every value; raises ConfigError naming the source."""
     environ = dict(os.environ if environ is None else environ)
-    raw: dict[str, tuple[Any, str]] = {}
-    for key, value in _load_pyproject(rootdir).items():
-        raw[key] = (value, f"{rootdir / 'pyproject.toml'} [tool.ws_harness] {key}")
-    for key, var in ENV_VARS.items():
-        if environ.get(var, "").strip():
-            raw[key] = (environ[var], f"environment variable {var}")
-    for key, value in (cli or {}).items():
-        if value is not None:
-            raw[key] = (value, f"--ws-{key.replace('_', '-')}")
-
-    cfg = HarnessConfig()
+    cli = {} if cli is None else cli
+    unknown = sorted(set(cli) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {unknown}; known settings are {list(_BY_NAME)}")
+    table = _load_pyproject(rootdir)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    for key, (value, source) in raw.items():
-        sources[key] = source
-        if key == "model":
-            values[key] = validate_model_spec(value, source)
-        elif key == "diff":
-            values[key] = parse_diff(value, source, base=rootdir)
-        elif key == "seeds":
-            values[key] = parse_seeds(value, source)
-        elif key == "rank":
-            values[key] = _parse_rank(value, source)
-        elif key in ("out", "cache_dir"):
-            if not isinstance(value, (str, Path)) or not str(value).strip():
-                raise ConfigError(f"{source}: expected a directory path, got {value!r}")
-            path = Path(value).expanduser()
-            values[key] = path if path.is_absolute() else rootdir / path
-        elif key == "behaviour":
-            from ws_harness.data import available_behaviours
+    for setting in SETTINGS:
+        name = setting.name
+        if cli.get(name) is not None:
+            value, source = cli[name], setting.option
+        elif environ.get(setting.env, "").strip():
+            value, source = environ[setting.env], f"environment variable {setting.env}"
+        elif name in table:
+            value, source = table[name], f"{rootdir / 'pyproject.toml'} [tool.ws_harness] {name}"
+        else:
+            values[name] = setting.default_for(rootdir)
+            continue
+        values[name] = setting.parse(value, source, rootdir)
+        sources[name] = source
+    return HarnessConfig(**values, sources=sources)
 
-            names = available_behaviours()
-            if value not in names and not Path(value).is_file():
-                raise ConfigError(
-                    f"{source}: unknown behaviour {value!r}; choose one of {names} "
-                    "or pass the path of a behaviour .json file"
-                )
-            values[key] = value
-    for key in ("out", "cache_dir"):
-        if key not in values:
-            values[key] = rootdir / getattr(cfg, key)
-    return replace(cfg, **values, sources=sources)
+
+def add_pytest_options(group: pytest.OptionGroup) -> None:
+    """Register every setting's `--ws-*` option (dest `ws_<name>`, default None) on `group`."""
+    for setting in SETTINGS:
+        help_text = f"{setting.help} (env {setting.env}; default {setting.shown_default})"
+        group.addoption(
+            setting.option, dest=setting.dest, default=None,
+            help=help_text.replace("%", "%%"),  # argparse %-formats help strings
+        )
+
+
+def cli_values(config: pytest.Config) -> dict[str, Any]:
+    """The `--ws-*` option values of a pytest run, by setting name (None where not given)."""
+    return {setting.name: config.getoption(setting.dest) for setting in SETTINGS}
+
+
+def _markdown_cell(text: str) -> str:
+    return html.escape(text, quote=False).replace("|", "\\|")
+
+
+def settings_markdown() -> str:
+    """The README's configuration table (option, env, default, meaning), one row per setting."""
+    lines = ["| option | env | default | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        lines.append(
+            f"| `{s.option}` | `{s.env}` | `{s.shown_default}` | {_markdown_cell(s.help)} |"
+        )
+    return "\n".join(lines) + "\n"
