@@ -7,6 +7,7 @@ import math
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import seeds
 
 from ws_harness import linalg as la
 
@@ -23,9 +24,6 @@ def low_rank(seed: int, n: int, d: int, rank: int) -> torch.Tensor:
     """[n, d] matrix of exact rank min(rank, n, d) (float32)."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, rank, generator=g) @ torch.randn(rank, d, generator=g)).float()
-
-
-seeds = st.integers(0, 2**31 - 1)
 
 
 @settings(PROFILE)

@@ -10,39 +10,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
+from strategies import SPECTRA, seeds, target_for
+from strategies import target_cases as _target_cases
 
 from ws_harness import nulls as nu
 from ws_harness import scores as sc
 
 PROFILE = settings.get_profile("ws-invariants")
-# Same as conftest.SPECTRA (strategies need the list at import time).
-SPECTRA = ("generic", "rank1", "repeated", "near_zero", "spiked", "isotropic")
 N_MC = 3000  # Monte Carlo draws per example for moment checks
 N_CAL = 6000  # random bases per calibration example
 ALPHA = 0.01
 BINOM_LEVEL = 1e-4  # per-example false-alarm level of the binomial bounds (derandomized anyway)
 
-seeds = st.integers(0, 2**31 - 1)
 
-
-def target_for(kind, seed, d, size, spectrum, make_samples, make_weight):
-    if kind == "act":
-        return sc.activation_target(make_samples(seed, size, d, spectrum))
-    return sc.weight_target(make_weight(seed, d, size, spectrum))
-
-
-@st.composite
-def cases(draw, d_min=4, d_max=32, spectra=SPECTRA):
-    kind = draw(st.sampled_from(["act", "weight"]), label="kind")
-    d = draw(st.integers(d_min, d_max), label="d")
-    size = draw(st.integers(2, 24) if kind == "act" else st.integers(1, 2 * d), label="size")
-    return (
-        kind,
-        draw(seeds, label="seed"),
-        d,
-        size,
-        draw(st.sampled_from(spectra), label="spectrum"),
-    )
+def cases(d_min=4, d_max=32, spectra=SPECTRA):
+    """Target cases for the nulls: d ≤ 32 unless asked, at least 2 samples per activation case."""
+    return _target_cases(d_min, d_max, spectra, n_min=2)
 
 
 def haar_energies(t: sc.Target, k: int, n: int, seed: int) -> np.ndarray:

@@ -8,13 +8,12 @@ import numpy as np
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from strategies import SPECTRA, build, seeds, target_cases
 
 from ws_harness import linalg as la
 from ws_harness import scores as sc
 
 PROFILE = settings.get_profile("ws-invariants")
-# Same as conftest.SPECTRA (strategies need the list at import time).
-SPECTRA = ("generic", "rank1", "repeated", "near_zero", "spiked", "isotropic")
 E_TOL = 1e-5  # float32 factors and bases; E ≤ 1 is accumulated in float64
 F32_EPS = torch.finfo(torch.float32).eps
 
@@ -27,33 +26,6 @@ def f32_dot_tol(d: int, scale: float) -> float:
     may differ by that much: tolerances follow the dtype, not one machine's rounding.
     """
     return 4 * d * F32_EPS * max(abs(scale), 1.0)
-
-seeds = st.integers(0, 2**31 - 1)
-
-
-@st.composite
-def target_cases(draw, d_min: int = 4, d_max: int = 48):
-    """(kind, seed, d, size, spectrum): activation (size = n samples) or weight (size = m) case."""
-    kind = draw(st.sampled_from(["act", "weight"]), label="kind")
-    d = draw(st.integers(d_min, d_max), label="d")
-    size = draw(st.integers(1, 24) if kind == "act" else st.integers(1, 2 * d), label="size")
-    return (
-        kind,
-        draw(seeds, label="seed"),
-        d,
-        size,
-        draw(st.sampled_from(SPECTRA), label="spectrum"),
-    )
-
-
-def build(case, make_samples, make_weight):
-    """(target, raw tensor) for a drawn case."""
-    kind, seed, d, size, spectrum = case
-    if kind == "act":
-        X = make_samples(seed, size, d, spectrum)
-        return sc.activation_target(X), X
-    M = make_weight(seed, d, size, spectrum)
-    return sc.weight_target(M), M
 
 
 def dense_a(target: sc.Target) -> np.ndarray:

@@ -595,25 +595,20 @@ def benjamini_hochberg(p_values: Sequence[float] | np.ndarray | Tensor) -> np.nd
     """Benjamini–Hochberg adjusted p-values (step-up FDR), same shape as the input, float64.
 
     adj_(i) = min_{j ≥ i} p_(j)·m/j, clipped to 1: monotone in the raw order, ≥ raw.
-    NaN-aware: NaNs (undefined claims) stay NaN and are not counted in m.
+    NaN-aware: NaNs (undefined claims) stay NaN and are not counted in m; the finite ones
+    (all entries of an N-d input, as one family) go to ``scipy.stats.false_discovery_control``.
     """
+    from scipy.stats import false_discovery_control  # kept local: only this function needs scipy
+
     p = p_values.detach().cpu().numpy() if isinstance(p_values, Tensor) else np.asarray(p_values)
-    p = p.astype(np.float64)
-    flat = p.reshape(-1)
+    flat = p.astype(np.float64).reshape(-1)
     finite = ~np.isnan(flat)
     bad = finite & ((flat < 0) | (flat > 1))
     if bad.any():
         raise ValueError(f"p-values must be in [0, 1] (or NaN); got {flat[bad][:5].tolist()}")
     out = np.full_like(flat, np.nan)
-    vals = flat[finite]
-    m = vals.size
-    if m:
-        order = np.argsort(vals, kind="stable")
-        scaled = vals[order] * m / np.arange(1, m + 1)
-        adj = np.minimum.accumulate(scaled[::-1])[::-1]  # step-up: running min from the largest p
-        res = np.empty(m)
-        res[order] = np.minimum(adj, 1.0)
-        out[np.flatnonzero(finite)] = res
+    if finite.any():
+        out[finite] = false_discovery_control(flat[finite], method="bh")
     return out.reshape(p.shape)
 
 
