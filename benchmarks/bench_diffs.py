@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ws_harness.config import parse_seeds, resolve_config
-from ws_harness.lora import DEFAULT_RECIPE, build_diff, default_hparams
+from ws_harness.lora import DEFAULT_RECIPE, default_hparams
 from ws_harness.session import HarnessSession
 from ws_harness.steering import format_curve
 
@@ -39,7 +39,7 @@ def _pass(session: HarnessSession, seeds: tuple[int, ...], label: str) -> dict[i
     out = {}
     for seed in seeds:
         t0 = time.perf_counter()
-        diff = build_diff(session, seed)
+        diff = session.build_diff(seed)
         t1 = time.perf_counter()
         curve = session.steering(diff)
         t2 = time.perf_counter()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ws_harness.config import resolve_config
-from ws_harness.lora import build_diff, resolve_hparams
+from ws_harness.lora import resolve_hparams
 from ws_harness.session import HarnessSession
 from ws_harness.steering import steering_curve
 
@@ -55,7 +55,7 @@ def main() -> None:
         hp = resolve_hparams(recipe, overrides or None)
         for seed in seeds:
             start = time.perf_counter()
-            diff = build_diff(session, seed, recipe, hp, progress=False, use_cache=False)
+            diff = session.build_diff(seed, recipe, hp, progress=False, use_cache=False)
             built = time.perf_counter() - start
             start = time.perf_counter()
             curve = steering_curve(session.model, probes, diff.w, session.answer_ids)

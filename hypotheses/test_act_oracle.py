@@ -6,7 +6,7 @@ from ws_harness.hypothesis import ceiling
 from ws_harness.scores import activation_target, oracle_basis
 
 
-@ceiling(oracle_of="act")
+@ceiling(oracle_of="r_act")
 def basis(ctx, layer):
     if not ctx.label[layer].any():
         return None  # upstream of every touched layer the diff changes nothing

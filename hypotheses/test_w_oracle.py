@@ -6,7 +6,7 @@ from ws_harness.hypothesis import ceiling
 from ws_harness.scores import combined_weight_target, oracle_basis
 
 
-@ceiling(oracle_of="w_combined")
+@ceiling(oracle_of="r_w_combined")
 def basis(ctx, layer):
     target = combined_weight_target([ctx.delta(layer, role) for role in ["o", "down"]])
     return None if target is None else oracle_basis(target, ctx.k)

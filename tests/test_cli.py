@@ -10,7 +10,6 @@ import torch
 
 from ws_harness import cli
 from ws_harness.diffs import load_diff
-from ws_harness.lora import build_diff
 from ws_harness.session import HarnessSession
 
 
@@ -40,7 +39,7 @@ def test_build_then_check_round_trip(
     written = torch.load(out, weights_only=True)
     assert isinstance(written, dict) and all(isinstance(v, torch.Tensor) for v in written.values())
     # The file holds exactly the diff the library builds for that seed and step count.
-    reference = build_diff(tiny, 0, hparams={"steps": 2}, progress=False, use_cache=False)
+    reference = tiny.build_diff(0, hparams={"steps": 2}, progress=False, use_cache=False)
     assert load_diff(out, tiny.arch).sha256 == reference.sha256
     rc_check = run(["diff", "check", str(out)], cache_dir)
     checked = capsys.readouterr()

@@ -238,9 +238,9 @@ def test_lora_delta_is_what_peft_merges(tiny: HarnessSession) -> None:
 
 
 def test_build_targets_the_middle_layers_and_is_deterministic(tiny: HarnessSession) -> None:
-    a = lora.build_diff(tiny, 0, hparams=FAST, progress=False, use_cache=False)
-    again = lora.build_diff(tiny, 0, hparams=FAST, progress=False, use_cache=False)
-    other = lora.build_diff(tiny, 1, hparams=FAST, progress=False, use_cache=False)
+    a = tiny.build_diff(0, hparams=FAST, progress=False, use_cache=False)
+    again = tiny.build_diff(0, hparams=FAST, progress=False, use_cache=False)
+    other = tiny.build_diff(1, hparams=FAST, progress=False, use_cache=False)
     # 3 layers: round(0.9) … round(2.4)−1 = layer 1, all seven roles.
     assert sorted(a.w) == sorted(tiny.arch.param_name(1, r) for r in lora.ROLES)
     assert a.sha256 == again.sha256 and all(torch.equal(a.w[k], again.w[k]) for k in a.w)
@@ -267,12 +267,12 @@ def test_builds_are_cached_and_an_interrupted_build_leaves_no_entry(
 
     monkeypatch.setattr(lora, "train_side", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        lora.build_diff(private, 0, hparams=FAST, progress=False)
+        private.build_diff(0, hparams=FAST, progress=False)
     entries = private.cache.root / "diff"
     assert [p for p in entries.iterdir() if not p.name.endswith(".lock")] == []
     monkeypatch.setattr(lora, "train_side", real)
-    first = lora.build_diff(private, 0, hparams=FAST, progress=False)
-    second = lora.build_diff(private, 0, hparams=FAST, progress=False)
+    first = private.build_diff(0, hparams=FAST, progress=False)
+    second = private.build_diff(0, hparams=FAST, progress=False)
     assert len(private.cache.builds) == 1 and first.sha256 == second.sha256
     assert first.diagnostics == second.diagnostics
 
@@ -340,7 +340,7 @@ def test_diagnostics_of_mirror_sides() -> None:
 def test_session_builds_one_diff_per_seed_named_as_planned(private: HarnessSession) -> None:
     session = HarnessSession(replace(private.config, diff="build", seeds=(0,)))
     session.__dict__["loaded"] = private.loaded
-    expected = lora.build_diff(session, 0, progress=False)  # the default recipe, cached
+    expected = session.build_diff(0, progress=False)  # the default recipe, cached
     try:
         diffs = session.diffs()
     except DiffDoesNotSteerError as exc:  # a random model need not steer; then say which diff

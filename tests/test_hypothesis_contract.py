@@ -84,11 +84,12 @@ def test_a_dropped_in_file_is_built_scored_claimed_and_ranked(
     with open(pytester.path / "out" / "per_layer.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["hypothesis"] for r in rows} == {"my_write", "answer_direction"}
-    assert {r["seed"] for r in rows} == {"w0", "w1"}
+    assert {r["diff"] for r in rows} == {"w0", "w1"}
+    assert {r["seed"] for r in rows} == {""}  # loaded files have no seed (null)
     assert len(rows) == 2 * 2 * 3  # 2 hypotheses × 2 diffs × 3 layers
     assert (pytester.path / "out" / "inputs.json").is_file()
     with open(pytester.path / "out" / "summary.csv") as fh:
-        summary = {(r["hypothesis"], r["seed"]): r for r in csv.DictReader(fh)}
+        summary = {(r["hypothesis"], r["diff"]): r for r in csv.DictReader(fh)}
     # The diff lies along one direction the answer basis contains: it beats the structured
     # null (random directions shaped like [W_o | W_down]) by far; W_o's own top SVs do not.
     for seed in ("w0", "w1"):

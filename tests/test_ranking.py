@@ -17,7 +17,7 @@ def fake_results(scores: dict[str, tuple[str, list[tuple[float, float]]]]) -> Ru
     for name, (axis, per_seed_scores) in scores.items():
         for i, (r_act, r_w) in enumerate(per_seed_scores):
             summaries.append({
-                "seed": f"s{i}", "hypothesis": name, "family": f"fam:{axis}", "axis_kind": axis,
+                "diff": f"s{i}", "seed": i, "hypothesis": name, "family": f"fam:{axis}", "axis_kind": axis,
                 "scope": "per_layer", "rank": 4.0, "n_layers": 2, "r_act": r_act, "z_act": 1.0,
                 "p_act": 0.1, "r_w_combined": r_w, "z_w_combined": 1.0, "p_w_combined": 0.1,
                 "r_w_oproj": math.nan, "r_w_downproj": r_w, "pct_oracle_act": 0.1,
@@ -71,7 +71,7 @@ def test_medians_and_iqrs_over_seeds() -> None:
 
 def test_per_seed_ranks_restart_in_each_table_and_seed() -> None:
     frame = per_seed(fake_results(SCORES))
-    s1 = frame.filter(pl.col("seed") == "s1")
+    s1 = frame.filter(pl.col("diff") == "s1")
     ranks = dict(zip(s1["hypothesis"], s1["rank"], strict=True))
     assert ranks["lead"] == 1 and ranks["middle"] == 2 and ranks["act_only"] == 3
     assert ranks["reader_b"] == 1 and ranks["oracle"] is None
@@ -79,7 +79,7 @@ def test_per_seed_ranks_restart_in_each_table_and_seed() -> None:
 
 def test_kendall_tau_between_seed_rankings() -> None:
     taus = kendall_taus(fake_results(SCORES))
-    wm = {(r["seed_a"], r["seed_b"]): r["tau"]
+    wm = {(r["diff_a"], r["diff_b"]): r["tau"]
           for r in taus.filter(pl.col("table") == "write/mixed").iter_rows(named=True)}
     # s0 order: lead, act_only, middle, last; s1 swaps act_only/middle: one discordant pair of 6
     assert wm[("s0", "s1")] == pytest.approx(4 / 6)

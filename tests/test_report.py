@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from ws_harness import schema
 from ws_harness.report import conclusion_md, definitions_md, main, write_reports
 from ws_harness.results import RunResults, write_tables
 
@@ -35,9 +36,9 @@ def synthetic_run() -> RunResults:
             "refuted": {"r_w_combined": None} if name == "writer" else {},
         }
         for i, (r_act, r_w) in enumerate(per_seed):
-            seed = f"seed{i}"
+            seed = f"seed{i}"  # the diff's name; its integer seed is i
             summaries.append({
-                "seed": seed, "hypothesis": name, "family": family, "axis_kind": axis,
+                "diff": seed, "seed": i, "hypothesis": name, "family": family, "axis_kind": axis,
                 "scope": "per_layer", "rank": 4.0, "n_layers": len(TOUCHED), "r_act": r_act,
                 "z_act": 3.0, "p_act": 1e-3, "r_w_oproj": r_w, "r_w_downproj": r_w,
                 "r_w_combined": r_w, "z_w_combined": 2.0, "p_w_combined": 1e-2,
@@ -48,8 +49,8 @@ def synthetic_run() -> RunResults:
             })
             for layer in range(N_LAYERS):
                 rows.append({
-                    "seed": seed, "hypothesis": name, "family": family, "axis_kind": axis,
-                    "layer": layer, "touched": layer in TOUCHED, "rank": 4,
+                    "diff": seed, "seed": i, "hypothesis": name, "family": family,
+                    "axis_kind": axis, "layer": layer, "touched": layer in TOUCHED, "rank": 4,
                     "r_act": r_act * (0.5 + layer / N_LAYERS),
                     "z_act": 1.0, "r_w_oproj": math.nan, "r_w_downproj": math.nan,
                     "r_w_combined": (r_w * (0.5 + layer / N_LAYERS) if layer in TOUCHED
@@ -62,10 +63,12 @@ def synthetic_run() -> RunResults:
                     if claim == "r_w_combined" and axis == "read":
                         continue
                     holds = value > 1.5
+                    recorded = name == "writer" and claim == "r_w_combined"
                     claims.append({
-                        "hypothesis": name, "seed": seed, "claim": claim, "value": value,
-                        "z": 2.0, "p": 0.001, "p_adj": 0.002 if holds else 0.5, "holds": holds,
-                        "expected_refuted": name == "writer" and claim == "r_w_combined",
+                        "hypothesis": name, "diff": seed, "seed": i, "claim": claim,
+                        "value": value, "z": 2.0, "p": 0.001, "p_adj": 0.002 if holds else 0.5,
+                        "holds": holds, "expected_refuted": recorded,
+                        "status": schema.classify(holds, recorded),
                     })
     inputs = {
         "model": {"spec": "random:tiny", "fingerprint": "ab" * 32},

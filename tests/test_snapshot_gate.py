@@ -45,7 +45,7 @@ def run(scores: dict[str, tuple[str, list[tuple[float, float]]]], **inputs: obje
     for name, (axis, values) in scores.items():
         for i, (r_act, r_w) in enumerate(values):
             summaries.append({
-                "seed": f"w{i}", "hypothesis": name, "family": "f", "axis_kind": axis,
+                "diff": f"w{i}", "seed": None, "hypothesis": name, "family": "f", "axis_kind": axis,
                 "scope": "global", "r_act": r_act, "r_w_combined": r_w,
                 "joint": math.sqrt(r_act * r_w), "r_act_ci_lo": r_act * 0.99,
                 "r_act_ci_hi": r_act * 1.01,

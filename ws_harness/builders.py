@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 
 from ws_harness.hypothesis import FitContext
@@ -36,14 +33,6 @@ __all__ = [
 ]
 
 
-def _memo(fit: FitContext, key: tuple, build: Callable[[], Any]) -> Any:
-    # Global projectors are reused by many per-layer builders; compute each once per context.
-    store = fit.__dict__.setdefault("_memo", {})
-    if key not in store:
-        store[key] = build()
-    return store[key]
-
-
 def gram_basis(G: torch.Tensor, k: int, rtol: float = 1e-5) -> torch.Tensor:
     """Top-k eigenvectors of a symmetric PSD d×d matrix G (rank-detected), float32 [d, r]."""
     evals, evecs = torch.linalg.eigh(G.double())
@@ -60,12 +49,12 @@ def read_gram(fit: FitContext, layer: int) -> torch.Tensor:
 
 def unembedding_gram(fit: FitContext) -> torch.Tensor:
     """W_Uᵀ W_U, d×d float64."""
-    return _memo(fit, ("unembedding_gram",), lambda: fit.unembedding.double().T @ fit.unembedding.double())
+    return fit.memo(("unembedding_gram",), lambda: fit.unembedding.double().T @ fit.unembedding.double())
 
 
 def lm_head_read(fit: FitContext, k: int) -> torch.Tensor:
     """Top-k right singular vectors of the unembedding: what the logits read most."""
-    return _memo(fit, ("lm_head_read", k), lambda: gram_basis(unembedding_gram(fit), k))
+    return fit.memo(("lm_head_read", k), lambda: gram_basis(unembedding_gram(fit), k))
 
 
 def global_read(fit: FitContext, k: int) -> torch.Tensor:
@@ -75,7 +64,7 @@ def global_read(fit: FitContext, k: int) -> torch.Tensor:
         total = sum(read_gram(fit, l) for l in fit.layers) + unembedding_gram(fit)
         return gram_basis(total, k)
 
-    return _memo(fit, ("global_read", k), build)
+    return fit.memo(("global_read", k), build)
 
 
 def downstream_read(fit: FitContext, layer: int, k: int) -> torch.Tensor:
@@ -90,8 +79,8 @@ def downstream_read(fit: FitContext, layer: int, k: int) -> torch.Tensor:
             running = running + read_gram(fit, l)
         return out
 
-    suffix = _memo(fit, ("read_suffix",), suffix_grams)
-    return _memo(fit, ("downstream_read", layer, k),
+    suffix = fit.memo(("read_suffix",), suffix_grams)
+    return fit.memo(("downstream_read", layer, k),
                  lambda: gram_basis(suffix[layer] + unembedding_gram(fit), k))
 
 
@@ -101,7 +90,7 @@ def all_layers_write_gram(fit: FitContext) -> torch.Tensor:
     def build() -> torch.Tensor:
         return sum((w := fit.weights(l).write.double()) @ w.T for l in fit.layers)
 
-    return _memo(fit, ("write_gram",), build)
+    return fit.memo(("write_gram",), build)
 
 
 def write_not(fit: FitContext, layer: int, removed: torch.Tensor, k: int) -> torch.Tensor:

@@ -6,7 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ws_harness.diffs import Diff
+    from ws_harness.session import HarnessSession
+    from ws_harness.steering import SteeringCurve
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_DOES_NOT_STEER", "EXIT_INVALID"]
 
@@ -92,7 +97,7 @@ def _report(args: argparse.Namespace) -> int:
     return report_main([] if args.out is None else [str(args.out)])
 
 
-def _session(args: argparse.Namespace) -> Any:
+def _session(args: argparse.Namespace) -> HarnessSession:
     from ws_harness.config import resolve_config
     from ws_harness.session import HarnessSession
 
@@ -100,7 +105,7 @@ def _session(args: argparse.Namespace) -> Any:
     return HarnessSession(resolve_config(Path.cwd(), cli))
 
 
-def _print_diagnostics(diff: Any) -> None:
+def _print_diagnostics(diff: Diff) -> None:
     d = diff.diagnostics
     layers = d.get("touched_layers", [])
     span = f"{layers[0]}…{layers[-1]}" if layers else "none"
@@ -113,7 +118,7 @@ def _print_diagnostics(diff: Any) -> None:
         print(f"  built in {d['build_seconds']:.1f} s")
 
 
-def _print_curve(curve: Any) -> None:
+def _print_curve(curve: SteeringCurve) -> None:
     print(f"steering on {curve.n} EVAL prompts: logit(Yes) − logit(No), mean ± sd")
     for alpha, mean, sd in zip(curve.alphas, curve.mean, curve.sd, strict=True):
         print(f"  α={alpha:+.1f}  {mean:+8.3f} ± {sd:.3f}")
@@ -122,10 +127,9 @@ def _print_curve(curve: Any) -> None:
 
 
 def _diff_build(args: argparse.Namespace) -> int:
-    from ws_harness.diffs import save_diff
-    from ws_harness.lora import build_diff
+    from ws_harness.diffs import DIFF_SUFFIXES, save_diff
 
-    if args.out.suffix not in (".pt", ".safetensors"):
+    if args.out.suffix not in DIFF_SUFFIXES:
         print(f"error: --out {args.out}: use a .pt or .safetensors file name", file=sys.stderr)
         return EXIT_INVALID
     if args.seed < 0:
@@ -134,7 +138,7 @@ def _diff_build(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr,
                                    "rank": args.lora_rank}.items() if v is not None}
     session = _session(args)
-    diff = build_diff(session, args.seed, args.recipe, overrides or None, progress=args.progress)
+    diff = session.build_diff(args.seed, args.recipe, overrides or None, progress=args.progress)
     failure = _show_and_check(session, diff)
     if failure is not None:
         if args.force:
@@ -149,7 +153,7 @@ def _diff_build(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _show_and_check(session: Any, diff: Any) -> Exception | None:
+def _show_and_check(session: HarnessSession, diff: Diff) -> Exception | None:
     """Print a diff's diagnostics and steering curve; the DiffDoesNotSteerError if it fails."""
     from ws_harness.steering import DiffDoesNotSteerError, check_steers
 

@@ -12,16 +12,14 @@ __all__ = ["refuted_claims", "stale_records", "finding_lines"]
 
 
 def refuted_claims(results: RunResults) -> dict[str, dict[str, list[Any]]]:
-    """{hypothesis: {claim: [diff seeds or names where it failed]}} from a run's claims table."""
+    """{hypothesis: {claim: [diff seeds (built) or names (files) where it failed]}} from a run."""
     out: dict[str, dict[str, list[Any]]] = defaultdict(dict)
-    plan = {d["name"]: d["seed"] for d in results.inputs.get("diff", {}).get("diffs", [])}
-    for row in sorted(results.claims, key=lambda r: (r["hypothesis"], r["claim"], r["seed"])):
+    for row in sorted(results.claims, key=lambda r: (r["hypothesis"], r["claim"], r["diff"])):
         if not row["holds"]:
-            seed = plan.get(row["seed"])
             out[row["hypothesis"]].setdefault(row["claim"], []).append(
-                row["seed"] if seed is None else seed
+                row["diff"] if row["seed"] is None else row["seed"]
             )
-    n_diffs = len(plan) or len({r["seed"] for r in results.claims})
+    n_diffs = len({r["diff"] for r in results.claims})
     # A claim refuted on every diff is recorded without a seed list (it is the finding).
     return {
         name: {claim: (None if len(which) == n_diffs else which) for claim, which in claims.items()}
@@ -31,13 +29,9 @@ def refuted_claims(results: RunResults) -> dict[str, dict[str, list[Any]]]:
 
 def stale_records(results: RunResults) -> list[str]:
     """Claims recorded as refuted that now hold, or that fail without a record."""
-    lines = []
-    for row in results.claims:
-        if row["expected_refuted"] and row["holds"]:
-            lines.append(f"{row['hypothesis']}: {row['claim']} on {row['seed']} now holds")
-        elif not row["expected_refuted"] and not row["holds"]:
-            lines.append(f"{row['hypothesis']}: {row['claim']} on {row['seed']} fails unrecorded")
-    return lines
+    says = {"stale": "now holds", "surprise": "fails unrecorded"}
+    return [f"{row['hypothesis']}: {row['claim']} on {row['diff']} {says[row['status']]}"
+            for row in results.claims if row["status"] in says]
 
 
 def finding_lines(results: RunResults) -> list[str]:

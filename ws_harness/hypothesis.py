@@ -26,23 +26,36 @@ from typing import Any, Literal
 
 import torch
 
+from ws_harness import schema
 from ws_harness.arch import Architecture, LayerWeights, expand_kv
+from ws_harness.linalg import validate_basis
+from ws_harness.schema import AXIS_KINDS
 
 __all__ = [
     "AXIS_KINDS",
-    "ORACLE_METRICS",
-    "CLAIMS",
+    "BROAD_RANK",
     "Hypothesis",
+    "HypothesisError",
     "FitContext",
     "CeilingContext",
     "BaseWeights",
+    "broad_rank_for",
+    "check_bases",
     "per_layer",
     "global_basis",
     "ceiling",
 ]
 
-AXIS_KINDS = ("write", "read", "mixed", "ceiling")
-CLAIMS = ("r_act", "r_w_combined")  # SPEC §6 claims 2 and 3
+BROAD_RANK = 64  # SPEC §5: the rank K of "broad" projectors, capped at d/2 (broad_rank_for)
+
+
+def broad_rank_for(d: int, broad_rank: int = BROAD_RANK) -> int:
+    """K for a model of width d: BROAD_RANK, at most d/2 (a projector must leave room)."""
+    return min(broad_rank, d // 2)
+
+
+class HypothesisError(ValueError):
+    """A hypothesis's builder raised or returned something that is not a valid basis."""
 Scope = Literal["per_layer", "global"]
 
 
@@ -66,10 +79,8 @@ class Hypothesis:
         return self.axis == "ceiling"
 
     def claims(self) -> tuple[str, ...]:
-        """SPEC §6: every axis claims R_act > 1; write/mixed also claim R_w_combined > 1."""
-        if self.is_ceiling:
-            return ()
-        return ("r_act",) if self.axis == "read" else CLAIMS
+        """SPEC §6: the claims its axis kind makes (schema.claims_for; ceilings make none)."""
+        return schema.claims_for(self.axis)
 
     def expects_refuted(self, claim: str, seed: int | None, diff_name: str) -> bool:
         """Whether `claim` is recorded as refuted for this diff (by seed, or by name for files)."""
@@ -101,9 +112,10 @@ def _normalise_refuted(
     items = refuted.items() if isinstance(refuted, Mapping) else ((c, None) for c in refuted)
     out: dict[str, tuple[int | str, ...] | None] = {}
     for claim, which in items:
-        if claim not in CLAIMS:
+        if claim not in schema.claim_names():
             raise ValueError(
-                f"hypothesis {name!r}: refuted claim {claim!r} is not one of {CLAIMS}"
+                f"hypothesis {name!r}: refuted claim {claim!r} is not one of "
+                f"{schema.claim_names()}"
             )
         if which is not None:
             bad = [w for w in which if isinstance(w, bool) or not isinstance(w, (int, str))]
@@ -116,15 +128,12 @@ def _normalise_refuted(
     return out
 
 
-ORACLE_METRICS = ("act", "w_oproj", "w_downproj", "w_combined")
-
-
 def _decorator(
     scope: Scope, family: str, axis: str, refuted: Any, oracle_of: str | None = None,
     rank_factor: int = 1,
 ) -> Callable[..., Hypothesis]:
-    if oracle_of is not None and oracle_of not in ORACLE_METRICS:
-        raise ValueError(f"oracle_of={oracle_of!r} is not one of {ORACLE_METRICS}")
+    if oracle_of is not None and oracle_of not in schema.oracle_names():
+        raise ValueError(f"oracle_of={oracle_of!r} is not one of {schema.oracle_names()}")
     if axis not in AXIS_KINDS:
         raise ValueError(f"axis {axis!r} is not one of {AXIS_KINDS}")
 
@@ -135,9 +144,11 @@ def _decorator(
             module=module, refuted=_normalise_refuted(refuted, name), oracle_of=oracle_of,
             rank_factor=rank_factor,
         )
-        if axis == "read" and "r_w_combined" in hyp.refuted:
+        not_made = sorted(set(hyp.refuted) - set(hyp.claims()))
+        if not_made:
             raise ValueError(
-                f"hypothesis {name!r} is read-side: it makes no R_w claim, so none can be refuted"
+                f"hypothesis {name!r} ({axis} axis) makes no {not_made} claim, so none can be "
+                f"refuted; its claims are {list(hyp.claims())}"
             )
         return hyp
 
@@ -169,8 +180,9 @@ def ceiling(
 ) -> Callable[[Callable[[CeilingContext, int], torch.Tensor]], Hypothesis]:
     """A reference basis built from the diff or its labels: `build(ctx, layer)`, per diff.
 
-    `oracle_of` names the metric it is the rank-k optimum of ('act', 'w_oproj', 'w_downproj',
-    'w_combined'); the harness then asserts pct_oracle = 1 and a wide margin over the null.
+    `oracle_of` names the recovery metric it is the rank-k optimum of ('r_act', 'r_w_oproj',
+    'r_w_downproj', 'r_w_combined', see schema.oracle_names); the harness then asserts
+    pct_oracle = 1 and a wide margin over the null.
     """
     return _decorator("per_layer", family, "ceiling", (), oracle_of)
 
@@ -230,18 +242,32 @@ class FitContext:
         tokens: Mapping[str, dict[str, torch.Tensor]] | None = None,
         first_token_id: int | None = None,
         answer_ids: tuple[int, int] | None = None,
-        broad_rank: int = 64,
+        broad_rank: int = BROAD_RANK,
     ) -> None:
+        self._inputs = {"weights": weights, "acts": acts, "k": k, "tokens": tokens,
+                        "first_token_id": first_token_id, "answer_ids": answer_ids,
+                        "broad_rank": broad_rank}
+        self._memo: dict[tuple, Any] = {}
         self._weights = weights
         self.clean, self.positive, self.negative = acts["clean"], acts["positive"], acts["negative"]
         self.k = k
         self.d = weights.d_model
-        self.K = min(broad_rank, self.d // 2)
+        self.K = broad_rank_for(self.d, broad_rank)
         self.n_layers = weights.n_layers
         self.n_heads = weights.n_heads
         self._tokens = dict(tokens or {})
         self.first_token_id = first_token_id  # the token every FIT prompt starts with (the sink)
         self.answer_ids = answer_ids  # token ids of the positive / negative verdicts (Yes, No)
+
+    def memo(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """`build()` once per context and key (shared projectors reused by per-layer builders).
+
+        Each context has its own store: a CeilingContext never sees a FitContext's entries, and
+        a diff-derived entry never leaks into non-ceiling builders.
+        """
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     @property
     def layers(self) -> range:
@@ -290,10 +316,40 @@ class CeilingContext(FitContext):
         label_fit: torch.Tensor,
         deltas: Mapping[tuple[int, str], torch.Tensor],
     ) -> None:
-        self.__dict__.update(fit.__dict__)
+        super().__init__(**fit._inputs)  # the same inputs, a fresh memo
         self.label = label
         self.label_fit = label_fit
         self._deltas = dict(deltas)
 
     def delta(self, layer: int, role: str) -> torch.Tensor | None:
         return self._deltas.get((layer, role))
+
+
+def check_bases(hyp: Hypothesis, raw: Any, n_layers: int, d: int) -> list[torch.Tensor | None]:
+    """Validate a builder's output into one float32 [d, r] basis (or None) per layer (claim 1)."""
+    if hyp.scope == "global":
+        per_layer = [raw] * n_layers
+    elif isinstance(raw, (list, tuple)) and len(raw) == n_layers:
+        per_layer = raw
+    else:
+        raise HypothesisError(
+            f"hypothesis {hyp.name!r}: a per-layer builder must give one basis per layer "
+            f"({n_layers}), got {type(raw).__name__}"
+        )
+    out: list[torch.Tensor | None] = []
+    for layer, basis in enumerate(per_layer):
+        where = f"hypothesis {hyp.name!r}" + ("" if hyp.scope == "global" else f" layer {layer}")
+        if basis is None:
+            out.append(None)
+            continue
+        if not isinstance(basis, torch.Tensor):
+            raise HypothesisError(f"{where}: builder returned {type(basis).__name__}, not a tensor")
+        basis = basis.detach().to(torch.float32)
+        try:
+            validate_basis(basis, d, name=where, tol=schema.BASIS_ORTHONORMAL_TOL)
+        except (ValueError, TypeError) as exc:
+            raise HypothesisError(str(exc)) from None
+        out.append(basis.contiguous())
+    if all(b is None for b in out):
+        raise HypothesisError(f"hypothesis {hyp.name!r}: builder returned no basis at any layer")
+    return out

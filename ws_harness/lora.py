@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ws_harness.arch import ROLES, Architecture
-from ws_harness.cache import content_hash
+from ws_harness.cache import DiskCache, content_hash
 from ws_harness.data import Behaviour, render_chat, tokenize_prompts
 from ws_harness.diffs import Diff, diff_diagnostics, diff_sha256
 
@@ -356,11 +356,9 @@ def lora_deltas(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Ten
 
 # ---- build + cache -----------------------------------------------------------------------------
 def _build(
-    session: Any, seed: int, recipe: str, hp: LoraHParams, progress: bool
+    model: torch.nn.Module, tokenizer: Any, arch: Architecture, behaviour: Behaviour, seed: int,
+    recipe: str, hp: LoraHParams, progress: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    model, tokenizer, arch, behaviour = (
-        session.model, session.tokenizer, session.arch, session.behaviour
-    )
     deltas: dict[str, dict[str, torch.Tensor]] = {}
     info: dict[str, Any] = {"losses": {}, "seconds": {}}
     pad_id = tokenizer.pad_token_id
@@ -388,17 +386,23 @@ def _diff_name(recipe: str, seed: int) -> str:
 
 
 def build_diff(
-    session: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    arch: Architecture,
+    behaviour: Behaviour,
     seed: int,
     recipe: str = DEFAULT_RECIPE,
     hparams: LoraHParams | Mapping[str, Any] | None = None,
     *,
+    cache: DiskCache | None = None,
+    model_key: Mapping[str, Any] | None = None,
     progress: bool = True,
-    use_cache: bool = True,
 ) -> Diff:
-    """Build w = Δ⁺ − Δ⁻ for one seed (SPEC §2.3), cached per model, behaviour data, recipe,
-    hyper-parameters and seed. `session` is a HarnessSession (or anything with its model,
-    tokenizer, arch, behaviour, cache and cache_parts). An interrupted build leaves no entry.
+    """Build w = Δ⁺ − Δ⁻ for one seed (SPEC §2.3) by training a LoRA per side on `model`.
+
+    With a `cache`, the diff is stored per model (`model_key`: what identifies the weights,
+    e.g. {"model": spec, "model_fingerprint": sha}), behaviour data, recipe, hyper-parameters
+    and seed; an interrupted build leaves no entry. Without one it is trained every call.
     """
     _check_recipe(recipe)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -419,7 +423,7 @@ def build_diff(
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            w, info = _build(session, seed, recipe, hp, progress)
+            w, info = _build(model, tokenizer, arch, behaviour, seed, recipe, hp, progress)
         finally:
             torch.set_num_threads(threads)
         info["sha256"] = diff_sha256(w)
@@ -428,8 +432,10 @@ def build_diff(
         info["diagnostics"]["final_loss"] = {s: v[-1] for s, v in info["losses"].items()}
         return w, info
 
-    if not use_cache:
+    if cache is None:
         return make(*build())
+    if model_key is None:
+        raise ValueError("build_diff(cache=...) needs model_key= (what identifies the weights)")
 
     def write(out: Path) -> None:
         w, info = build()
@@ -440,7 +446,8 @@ def build_diff(
         info = json.loads((path / "diff.json").read_text())
         return make(load_file(str(path / "w.safetensors")), info)
 
-    parts = session.cache_parts(recipe=recipe, hparams=hp.to_json(), seed=seed)
-    return session.cache.get_or_build_dir("diff", parts, write, load, producer=build_diff)
+    parts = {**model_key, "behaviour": behaviour.fingerprint(), "recipe": recipe,
+             "hparams": hp.to_json(), "seed": seed}
+    return cache.get_or_build_dir("diff", parts, write, load, producer=build_diff)
 
 

@@ -1,48 +1,41 @@
-"""Rankings across diff seeds (SPEC §6): medians, IQRs, ranks by `joint`, Kendall τ, stability.
+"""Rankings across diff seeds (SPEC §6): medians, IQRs, ranks by each table's key, Kendall τ, stability.
 
-Three tables, never mixed:
+Three tables, never mixed (``schema.TABLES``; the axis kind decides, ``schema.table_of``):
 
-* ``write/mixed`` — ranked by ``joint = √(R_act · R_w_combined)`` (descending);
+* ``write/mixed`` — ranked by ``schema.rank_key("write/mixed")`` (today ``joint`` =
+  √(R_act · R_w_combined)), descending;
 * ``read`` — ranked by ``R_act`` alone: their R_w measures read/write overlap, not recovery;
 * ``ceiling`` — the oracles and the informative ceiling, shown for scale and not ranked.
 
-Ranks are computed per seed (rank 1 = best, ties share the lower rank), then summarised per
-hypothesis by the median and IQR over seeds, like every summary score. Agreement between seeds
-is Kendall's τ-b between each pair of seed rankings (on the hypotheses both seeds scored). A
-hypothesis is **stable** when its rank range over seeds (max − min) is at most
-:func:`stable_rank_range` of its table size: ``max(1, ceil(n / 10))``; with a single seed
+Ranks are computed per diff (rank 1 = best, ties share the lower rank), then summarised per
+hypothesis by the median and IQR over diffs, like every summary score. Agreement between diffs
+is Kendall's τ-b between each pair of diff rankings (on the hypotheses both scored). A
+hypothesis is **stable** when its rank range over diffs (max − min) is at most
+:func:`stable_rank_range` of its table size: ``max(1, ceil(n / 10))``; with a single diff
 stability is undetermined (null).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from itertools import combinations
 
 import polars as pl
 
+from ws_harness import schema
 from ws_harness.results import RunResults
+from ws_harness.schema import TABLES
 
 __all__ = [
-    "SCORE_COLUMNS",
     "TABLES",
-    "RANK_KEY",
     "per_seed",
     "aggregate",
+    "kendall_tau",
     "kendall_taus",
     "stable_rank_range",
     "summary_lines",
 ]
-
-SCORE_COLUMNS = ["joint", "r_act", "r_w_combined", "r_w_oproj", "r_w_downproj",
-                 "pct_oracle_act", "pct_oracle_w_combined", "z_act", "z_w_combined",
-                 "act_w_gap_log2", "overlap_w"]
-TABLES = ("write/mixed", "read", "ceiling")
-RANK_KEY = {"write/mixed": "joint", "read": "r_act", "ceiling": "joint"}
-
-
-def table_of(axis_kind: str) -> str:
-    return {"read": "read", "ceiling": "ceiling"}.get(axis_kind, "write/mixed")
 
 
 def stable_rank_range(n_ranked: int) -> int:
@@ -51,22 +44,25 @@ def stable_rank_range(n_ranked: int) -> int:
 
 
 def per_seed(results: RunResults) -> pl.DataFrame:
-    """The summaries with `table`, `rank_key` and the per-seed `rank` (null for ceilings)."""
+    """The summaries with `table`, `rank_key` and the per-diff `rank` (null for ceilings)."""
     frame = pl.DataFrame(results.summaries, infer_schema_length=None)
-    for col in SCORE_COLUMNS + ["r_act_ci_lo", "r_act_ci_hi"]:
+    ci = schema.CI_METRIC
+    for col in schema.score_columns() + [f"{ci}_ci_lo", f"{ci}_ci_hi"]:
         if col not in frame.columns:
             frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(col))
         frame = frame.with_columns(pl.col(col).cast(pl.Float64).fill_nan(None))
-    table = (pl.when(pl.col("axis_kind") == "read").then(pl.lit("read"))
-             .when(pl.col("axis_kind") == "ceiling").then(pl.lit("ceiling"))
-             .otherwise(pl.lit("write/mixed")))
-    key = pl.when(pl.col("axis_kind") == "read").then(pl.col("r_act")).otherwise(pl.col("joint"))
-    frame = frame.with_columns(table.alias("table"), key.alias("rank_key"))
-    rank = pl.col("rank_key").rank(method="min", descending=True).over(["seed", "table"])
+    table = pl.col("axis_kind").replace_strict(
+        {axis: schema.table_of(axis) for axis in schema.AXIS_KINDS}, return_dtype=pl.String)
+    frame = frame.with_columns(table.alias("table"))
+    key = pl.lit(None, dtype=pl.Float64)
+    for name in TABLES:
+        key = pl.when(pl.col("table") == name).then(pl.col(schema.rank_key(name))).otherwise(key)
+    frame = frame.with_columns(key.alias("rank_key"))
+    rank = pl.col("rank_key").rank(method="min", descending=True).over(["diff", "table"])
     return frame.with_columns(
         pl.when(pl.col("table") == "ceiling").then(None).otherwise(rank).cast(pl.Float64)
         .alias("rank")
-    ).sort(["seed", "table", "rank", "hypothesis"], nulls_last=True)
+    ).sort(["diff", "table", "rank", "hypothesis"], nulls_last=True)
 
 
 def aggregate(results: RunResults) -> pl.DataFrame:
@@ -79,11 +75,12 @@ def aggregate(results: RunResults) -> pl.DataFrame:
     """
     frame = per_seed(results)
     aggs = []
-    for col in SCORE_COLUMNS + ["rank"]:
+    ci = schema.CI_METRIC
+    for col in schema.score_columns() + ["rank"]:
         c = pl.col(col)
         aggs += [c.median().alias(f"{col}_median"),
                  (c.quantile(0.75, "linear") - c.quantile(0.25, "linear")).alias(f"{col}_iqr")]
-    aggs += [pl.col("r_act_ci_lo").median(), pl.col("r_act_ci_hi").median(),
+    aggs += [pl.col(f"{ci}_ci_lo").median(), pl.col(f"{ci}_ci_hi").median(),
              pl.col("rank").min().alias("rank_min"), pl.col("rank").max().alias("rank_max"),
              pl.len().alias("n_seeds")]
     table = frame.group_by(["hypothesis", "family", "axis_kind", "table"]).agg(aggs)
@@ -98,49 +95,51 @@ def aggregate(results: RunResults) -> pl.DataFrame:
         .otherwise(pl.col("rank_range") <= limit).alias("stable")
     ).drop("n_in_table")
     order = pl.col("table").replace_strict({t: i for i, t in enumerate(TABLES)}, default=9)
-    return (table.with_columns(order.alias("_order"), (-pl.col("joint_median")).alias("_j"))
+    ceiling_key = f"{schema.rank_key('ceiling')}_median"
+    return (table.with_columns(order.alias("_order"), (-pl.col(ceiling_key)).alias("_j"))
             .sort(["_order", "rank_median", "_j", "hypothesis"], nulls_last=True)
             .drop(["_order", "_j"]))
 
 
-def _tau(x: list[float], y: list[float]) -> float:
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's τ-b (ties handled) of two paired score lists; NaN for fewer than 2 pairs."""
     from scipy.stats import kendalltau
 
     if len(x) < 2:
         return math.nan
-    tau = kendalltau(x, y).statistic  # τ-b: ties handled
-    return float(tau) if tau is not None else math.nan
+    tau = kendalltau(x, y).statistic
+    return math.nan if tau is None else float(tau)
 
 
 def kendall_taus(results: RunResults) -> pl.DataFrame:
-    """Kendall τ-b between every pair of seed rankings, per ranked table.
+    """Kendall τ-b between every pair of diff rankings, per ranked table.
 
-    Columns: table, seed_a, seed_b, n (hypotheses ranked on both seeds, at least 2), tau.
+    Columns: table, diff_a, diff_b, n (hypotheses ranked on both diffs, at least 2), tau.
     """
     frame = per_seed(results).filter(pl.col("rank").is_not_null())
     rows = []
     for table in TABLES[:2]:
         part = frame.filter(pl.col("table") == table)
         keys = {
-            seed: dict(zip(g["hypothesis"], g["rank_key"], strict=True))
-            for (seed,), g in part.group_by(["seed"], maintain_order=True)
+            diff: dict(zip(g["hypothesis"], g["rank_key"], strict=True))
+            for (diff,), g in part.group_by(["diff"], maintain_order=True)
         }
         for a, b in combinations(sorted(keys), 2):
             common = sorted(set(keys[a]) & set(keys[b]))
             if len(common) < 2:
                 continue
-            tau = _tau([keys[a][h] for h in common], [keys[b][h] for h in common])
-            rows.append({"table": table, "seed_a": a, "seed_b": b, "n": len(common), "tau": tau})
-    schema = {"table": pl.String, "seed_a": pl.String, "seed_b": pl.String, "n": pl.Int64,
-              "tau": pl.Float64}
-    return pl.DataFrame(rows, schema=schema)
+            tau = kendall_tau([keys[a][h] for h in common], [keys[b][h] for h in common])
+            rows.append({"table": table, "diff_a": a, "diff_b": b, "n": len(common), "tau": tau})
+    schema_ = {"table": pl.String, "diff_a": pl.String, "diff_b": pl.String, "n": pl.Int64,
+               "tau": pl.Float64}
+    return pl.DataFrame(rows, schema=schema_)
 
 
 def _stability_lines(table: pl.DataFrame, taus: pl.DataFrame, name: str) -> list[str]:
     lines = []
     part_tau = taus.filter(pl.col("table") == name)
     if not part_tau.is_empty():
-        pairs = ", ".join(f"{r['seed_a']}~{r['seed_b']} {r['tau']:.2f}"
+        pairs = ", ".join(f"{r['diff_a']}~{r['diff_b']} {r['tau']:.2f}"
                           for r in part_tau.iter_rows(named=True))
         lines.append(f"    Kendall τ between seed rankings: {pairs} "
                      f"(median {part_tau['tau'].median():.2f})")
@@ -156,6 +155,12 @@ def _stability_lines(table: pl.DataFrame, taus: pl.DataFrame, name: str) -> list
     return lines
 
 
+def _cell(value: float | None, column: str) -> str:
+    if value is None:
+        return f"{'—':>7}"
+    return f"{value:7.1f}" if column.startswith("z_") else f"{value:7.2f}"
+
+
 def summary_lines(results: RunResults, width: int = 28) -> list[str]:
     """The terminal ranking: write/mixed and read tables apart, ceilings for scale; τ, stability."""
     if results.empty:
@@ -163,29 +168,26 @@ def summary_lines(results: RunResults, width: int = 28) -> list[str]:
     table = aggregate(results)
     width = max([width] + [len(name) for name in table["hypothesis"]])
     taus = kendall_taus(results)
+    columns = schema.terminal_columns()
     lines: list[str] = []
     for name in TABLES:
         part = table.filter(pl.col("table") == name)
         if part.is_empty():
             continue
-        how = ("not ranked; shown for scale" if name == "ceiling"
-               else f"rank by {'R_act' if name == 'read' else 'joint'}")
+        key = schema.label(schema.rank_key(name))
+        how = "not ranked; shown for scale" if name == "ceiling" else f"rank by {key}"
         lines.append(f"--- {name} (median over {part['n_seeds'].max()} seeds; {how}) ---")
-        lines.append(f"{'rank':>5} {'hypothesis':<{width}} {'joint':>7} {'R_act':>7} "
-                     f"{'R_w':>7} {'pct_act':>7} {'z_act':>7} {'z_w':>7} {'range':>7}  family")
+        lines.append(f"{'rank':>5} {'hypothesis':<{width}} "
+                     + " ".join(f"{header:>7}" for _, header in columns)
+                     + f" {'range':>7}  family")
         for row in part.iter_rows(named=True):
-            def fmt(key: str, spec: str = "7.2f", row: dict = row) -> str:
-                value = row[f"{key}_median"]
-                return f"{value:{spec}}" if value is not None else f"{'—':>7}"
             rank = row["rank_median"]
             span = ("" if row["rank_min"] is None
                     else f"{row['rank_min']:.0f}-{row['rank_max']:.0f}"
                     + ("" if row["stable"] is not False else "!"))
-            lines.append(
-                f"{'—' if rank is None else f'{rank:5.1f}':>5} {row['hypothesis']:<{width}} "
-                f"{fmt('joint')} {fmt('r_act')} {fmt('r_w_combined')} {fmt('pct_oracle_act')} "
-                f"{fmt('z_act', '7.1f')} {fmt('z_w_combined', '7.1f')} {span:>7}  {row['family']}"
-            )
+            cells = " ".join(_cell(row[f"{col}_median"], col) for col, _ in columns)
+            lines.append(f"{'—' if rank is None else f'{rank:5.1f}':>5} {row['hypothesis']:<{width}} "
+                         f"{cells} {span:>7}  {row['family']}")
         lines += _stability_lines(table, taus, name)
     if table["stable"].is_not_null().any():
         lines.append("range: rank min-max over seeds; '!' marks an unstable hypothesis")

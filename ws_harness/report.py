@@ -17,6 +17,7 @@ from typing import Any
 
 import polars as pl
 
+from ws_harness import schema
 from ws_harness.ranking import (
     TABLES,
     aggregate,
@@ -31,7 +32,6 @@ __all__ = ["write_reports", "main", "scatter_plot", "layer_heatmap", "definition
            "conclusion_md"]
 
 TOP_LABELLED = 10  # write/mixed points labelled in the scatter (plus every read and ceiling)
-LABEL = {"joint": "joint", "r_act": "R_act", "r_w_combined": "R_w_combined"}
 
 
 def _pyplot() -> Any:
@@ -52,7 +52,7 @@ def _seed_ranges(results: RunResults) -> dict[str, dict[str, tuple[float, float]
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for (name,), group in frame.group_by(["hypothesis"]):
         out[name] = {}
-        for col in ("r_act", "r_w_combined"):
+        for col in schema.SCATTER_AXES:
             values = [v for v in group[col].to_list() if v is not None and math.isfinite(v)]
             if values:
                 out[name][col] = (min(values), max(values))
@@ -195,7 +195,7 @@ def scatter_plot(results: RunResults, path: Path) -> Path:
 
 
 def layer_heatmap(results: RunResults, path: Path) -> Path:
-    """log2 R_act and log2 R_w_combined per (hypothesis, layer), medians over seeds."""
+    """log2 R per (hypothesis, layer) of each schema.heatmap_metrics(), medians over seeds."""
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
 
@@ -203,14 +203,15 @@ def layer_heatmap(results: RunResults, path: Path) -> Path:
     table = aggregate(results)
     names = _ordered(table)
     rows = pl.DataFrame(results.rows, infer_schema_length=None)
-    for col in ("r_act", "r_w_combined"):
+    panels = [m.name for m in schema.heatmap_metrics() if m.name in rows.columns]
+    for col in panels:
         rows = rows.with_columns(pl.col(col).cast(pl.Float64).fill_nan(None))
     med = rows.group_by(["hypothesis", "layer"]).agg(
-        pl.col("r_act").median(), pl.col("r_w_combined").median(), pl.col("touched").any())
+        *[pl.col(col).median() for col in panels], pl.col("touched").any())
     n_layers = int(rows["layer"].max()) + 1
     touched = set(med.filter(pl.col("touched"))["layer"].to_list())
     grids = {}
-    for col in ("r_act", "r_w_combined"):
+    for col in panels:
         grid = np.full((len(names), n_layers), np.nan)
         index = {n: i for i, n in enumerate(names)}
         for r in med.iter_rows(named=True):
@@ -223,13 +224,14 @@ def layer_heatmap(results: RunResults, path: Path) -> Path:
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")
     height = 1.8 + 0.2 * len(names)
     panel = max(3.2, 0.24 * n_layers)
-    fig, axes = plt.subplots(1, 2, figsize=(4.5 + 2 * panel, height), sharey=True,
-                             layout="constrained")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 + len(panels) * panel, height),
+                             sharey=True, layout="constrained", squeeze=False)
+    axes = list(axes[0])
     tables = table["table"].to_list()
-    for ax, col in zip(axes, ("r_act", "r_w_combined"), strict=True):
+    for ax, col in zip(axes, panels, strict=True):
         image = ax.imshow(grids[col], aspect="auto", cmap=cmap, interpolation="nearest",
                           norm=TwoSlopeNorm(vmin=-span, vcenter=0.0, vmax=span))
-        ax.set_title(f"log2 {LABEL[col]}", fontsize=10)
+        ax.set_title(f"log2 {schema.label(col)}", fontsize=10)
         ax.set_xticks(range(n_layers))
         ax.set_xticklabels([str(l) for l in range(n_layers)], fontsize=6)
         for l, tick in enumerate(ax.get_xticklabels()):
@@ -242,7 +244,7 @@ def layer_heatmap(results: RunResults, path: Path) -> Path:
     axes[0].set_yticks(range(len(names)))
     axes[0].set_yticklabels([f"{n} [{t}]" if t != "write/mixed" else n
                              for n, t in zip(names, tables, strict=True)], fontsize=7)
-    fig.colorbar(image, ax=list(axes), shrink=min(1.0, 8 / height),
+    fig.colorbar(image, ax=axes, shrink=min(1.0, 8 / height),
                  label="log2 R (blue < null < red; grey: undefined)")
     fig.suptitle("Per-layer recovery (log2 R, 0 = null), medians over diff seeds; rows in "
                  "ranking order: write/mixed, read, ceilings\ngrey layer numbers: the diff does "
@@ -363,14 +365,14 @@ def conclusion_md(results: RunResults) -> str:
     if claims is None or claims.is_empty():
         lines += ["No claims were evaluated in this run.", ""]
     else:
-        held = int(claims["holds"].sum())
-        refuted = claims.filter(~pl.col("holds") & pl.col("expected_refuted"))
-        surprise = claims.filter(~pl.col("holds") & ~pl.col("expected_refuted"))
-        stale = claims.filter(pl.col("holds") & pl.col("expected_refuted"))
-        lines.append(f"Each claim is R > 1 with one-sided p < 0.01 after Benjamini–Hochberg over "
-                     f"all {claims.height} claims of the run: **{held} held**, "
-                     f"{refuted.height} failed as recorded findings, {surprise.height} failed "
-                     f"unexpectedly, {stale.height} recorded findings are stale (now hold).")
+        counts = {status: int((claims["status"] == status).sum())
+                  for status in ("held", "refuted", "surprise", "stale")}
+        held = counts["held"] + counts["stale"]
+        lines.append(f"Each claim is R > 1 with one-sided p < {schema.ALPHA} after "
+                     f"Benjamini–Hochberg over all {claims.height} claims of the run: "
+                     f"**{held} held**, {counts['refuted']} failed as recorded findings, "
+                     f"{counts['surprise']} failed unexpectedly, {counts['stale']} recorded "
+                     "findings are stale (now hold).")
         lines.append("")
         per = claims.group_by(["hypothesis", "claim"]).agg(
             pl.col("holds").sum().alias("held"), pl.len().alias("n"),
@@ -386,11 +388,12 @@ def conclusion_md(results: RunResults) -> str:
         lines.append("Hypotheses whose every claim holds on every seed: "
                      + (", ".join(h for h in _ordered(table) if h in always) or "none") + ".")
         lines.append("")
-        lines += ["| hypothesis | R_act > 1: held on seeds | R_w_combined > 1: held on seeds |",
-                  "|---|---|---|"]
+        made = [m for m in schema.claim_metrics() if m.name in set(claims["claim"].to_list())]
+        lines += ["| hypothesis | " + " | ".join(f"{m.label} > 1: held on seeds" for m in made)
+                  + " |", "|---|" + "---|" * len(made)]
         for name in [h for h in _ordered(table) if h in cells]:
             c = cells[name]
-            lines.append(f"| {name} | {c.get('r_act', '—')} | {c.get('r_w_combined', '—')} |")
+            lines.append(f"| {name} | " + " | ".join(c.get(m.name, "—") for m in made) + " |")
         lines.append("")
 
     lines += ["## Stability across seeds", ""]
@@ -404,7 +407,7 @@ def conclusion_md(results: RunResults) -> str:
         if part_tau.is_empty():
             tau_text = "Kendall τ needs at least two hypotheses"
         else:
-            pairs = ", ".join(f"{r['seed_a']}~{r['seed_b']} {_num(r['tau'])}"
+            pairs = ", ".join(f"{r['diff_a']}~{r['diff_b']} {_num(r['tau'])}"
                               for r in part_tau.iter_rows(named=True))
             tau_text = (f"Kendall τ between seed rankings {pairs} (median "
                         f"{_num(part_tau['tau'].median())})")

@@ -11,17 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from ws_harness import schema
+
 if TYPE_CHECKING:
     from ws_harness.scoreboard import Scoreboard
 
-__all__ = ["RunResults", "collect_results", "write_tables", "read_tables", "PER_LAYER_COLUMNS"]
+__all__ = ["RunResults", "collect_results", "write_tables", "read_tables"]
 
-# The columns issue #5 promises, first and in this order; the rest follow.
-PER_LAYER_COLUMNS = [
-    "seed", "hypothesis", "family", "axis_kind", "layer", "rank", "r_act", "z_act",
-    "r_w_oproj", "r_w_downproj", "r_w_combined", "z_w_combined", "pct_oracle_act",
-    "pct_oracle_w_combined", "overlap_w",
-]
+_KEYS = {"rows": ("diff", "hypothesis", "layer"), "summaries": ("diff", "hypothesis"),
+         "claims": ("diff", "hypothesis", "claim")}
 
 
 @dataclass
@@ -53,9 +51,9 @@ class RunResults:
             return [seen[k] for k in sorted(seen, key=str)]
 
         return RunResults(
-            rows=union(self.rows, other.rows, ("seed", "hypothesis", "layer")),
-            summaries=union(self.summaries, other.summaries, ("seed", "hypothesis")),
-            claims=union(self.claims, other.claims, ("seed", "hypothesis", "claim")),
+            rows=union(self.rows, other.rows, _KEYS["rows"]),
+            summaries=union(self.summaries, other.summaries, _KEYS["summaries"]),
+            claims=union(self.claims, other.claims, _KEYS["claims"]),
             hypotheses={**other.hypotheses, **self.hypotheses},
             errors={**other.errors, **self.errors},
             inputs=self.inputs or other.inputs,
@@ -78,12 +76,13 @@ def _jsonable(value: Any) -> Any:
 def collect_results(board: Scoreboard) -> RunResults:
     """Scores of every registered hypothesis for every diff, with claims and run inputs."""
     scores = board.all_scores()
-    claims = [
-        {"hypothesis": name, "seed": seed, "claim": claim, **value,
-         "expected_refuted": board.hypotheses[name].expects_refuted(
-             claim, board.seed_of(seed), seed)}
-        for (name, seed, claim), value in sorted(board.claims.items())
-    ]
+    claims = []
+    for (name, diff_name, claim), value in sorted(board.claims.items()):
+        hyp = board.hypotheses[name]
+        recorded = hyp.expects_refuted(claim, board.seed_of(diff_name), diff_name)
+        claims.append({**board.identity(hyp, diff_name), "claim": claim, **value,
+                       "expected_refuted": recorded,
+                       "status": schema.classify(value["holds"], recorded)})
     return RunResults(
         rows=[row for result in scores.values() for row in result["rows"]],
         summaries=[result["summary"] for result in scores.values()],
@@ -103,12 +102,18 @@ def collect_results(board: Scoreboard) -> RunResults:
 def _frame(records: list[dict[str, Any]], first: list[str] | None = None) -> pl.DataFrame:
     if not records:
         return pl.DataFrame()
+    # A missing score is NaN; a missing identity (the seed of a loaded diff file) is null.
+    ids = set(schema.ID_COLUMNS)
     frame = pl.DataFrame(
-        [{k: (math.nan if v is None else v) for k, v in r.items()} for r in records],
+        [{k: (math.nan if v is None and k not in ids else v) for k, v in r.items()}
+         for r in records],
         infer_schema_length=None,
     )
+    if "seed" in frame.columns:
+        frame = frame.with_columns(pl.col("seed").cast(pl.Int64))
     if first:
-        frame = frame.select(first + [c for c in frame.columns if c not in first])
+        lead = [c for c in first if c in frame.columns]
+        frame = frame.select(lead + [c for c in frame.columns if c not in lead])
     return frame
 
 
@@ -117,7 +122,7 @@ def write_tables(results: RunResults, out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     tables = {
-        "per_layer": _frame(results.rows, PER_LAYER_COLUMNS),
+        "per_layer": _frame(results.rows, schema.per_layer_columns()),
         "summary": _frame(results.summaries),
         "claims": _frame(results.claims),
     }

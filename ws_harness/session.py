@@ -1,4 +1,4 @@
-"""The run's session object: config, cache, and lazily loaded, cached model, probes and captures."""
+"""The harness inputs of one process: config, cache, and lazily loaded model, captures, diffs, labels."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -16,6 +16,10 @@ from ws_harness.cache import DiskCache, worker_order
 from ws_harness.config import HarnessConfig
 from ws_harness.data import Behaviour, ProbeSet, load_behaviour, render_chat, tokenize_prompts
 from ws_harness.models import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from ws_harness.diffs import Diff
+    from ws_harness.steering import SteeringCurve
 
 __all__ = ["HarnessSession", "Condition", "CaptureKind"]
 
@@ -34,6 +38,8 @@ class HarnessSession:
         self.config = config
         self.cache = DiskCache(config.cache_dir)
         self.timings: dict[str, float] = {}
+        self._diffs: list[Diff] | None = None  # the run's diffs, once loaded/built and checked
+        self._labels: dict[str, dict[str, torch.Tensor]] = {}  # diff sha256 → labels
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -80,14 +86,13 @@ class HarnessSession:
         return tokenize_prompts(self.tokenizer, rendered)
 
     # ---- captures ----------------------------------------------------------------------
+    def model_key(self) -> dict[str, Any]:
+        """What identifies the model's weights in cache keys."""
+        return {"model": self.config.model, "model_fingerprint": self.loaded.fingerprint}
+
     def cache_parts(self, **extra: Any) -> dict[str, Any]:
         """Key parts shared by every model-dependent artifact."""
-        return {
-            "model": self.config.model,
-            "model_fingerprint": self.loaded.fingerprint,
-            "behaviour": self.behaviour.fingerprint(),
-            **extra,
-        }
+        return {**self.model_key(), "behaviour": self.behaviour.fingerprint(), **extra}
 
     def capture(
         self, split: str, condition: Condition, kind: CaptureKind = "last"
@@ -118,23 +123,34 @@ class HarnessSession:
 
         return answer_token_ids(self.tokenizer, self.behaviour.answer_tokens)
 
-    def diffs(self) -> list[Any]:
+    def build_diff(
+        self, seed: int, recipe: str | None = None, hparams: Any = None, *,
+        progress: bool = True, use_cache: bool = True,
+    ) -> Diff:
+        """`lora.build_diff` on this session's model and behaviour, cached in its cache."""
+        from ws_harness.lora import DEFAULT_RECIPE, build_diff
+
+        return build_diff(
+            self.model, self.tokenizer, self.arch, self.behaviour, seed,
+            recipe or DEFAULT_RECIPE, hparams, cache=self.cache if use_cache else None,
+            model_key=self.model_key(), progress=progress,
+        )
+
+    def diffs(self) -> list[Diff]:
         """The run's diffs in `config.diff_plan()` order, each named as there: built per seed
         (default recipe, cached) when config.diff == "build", else loaded and validated from the
         files. Every one must steer (SPEC §2.3), else DiffDoesNotSteerError names it."""
         from dataclasses import replace as _replace
 
         from ws_harness.diffs import load_diff
-        from ws_harness.lora import build_diff
         from ws_harness.steering import check_steers
 
-        memo = self.__dict__.get("_ws_diffs")
-        if memo is not None:
-            return list(memo)
+        if self._diffs is not None:
+            return list(self._diffs)
         with self.timed("diffs"):
             if self.config.builds_diffs:
                 seeds = list(self.config.seeds)
-                built = {seed: build_diff(self, seed) for seed in worker_order(seeds)}
+                built = {seed: self.build_diff(seed) for seed in worker_order(seeds)}
                 diffs = [built[seed] for seed in seeds]
             else:
                 diffs = [load_diff(path, self.arch) for path in self.config.diff]
@@ -142,12 +158,12 @@ class HarnessSession:
             diffs = [_replace(d, name=n) for d, n in zip(diffs, names, strict=True)]
             for diff in diffs:
                 check_steers(self.steering(diff), diff.name)
-        self.__dict__["_ws_diffs"] = diffs
+        self._diffs = diffs
         return list(diffs)
 
-    def steering(self, diff: Any) -> Any:
+    def steering(self, diff: Diff) -> SteeringCurve:
         """SteeringCurve of a diff on EVAL prompts (no system prompt), cached as JSON by sha256."""
-        from ws_harness.steering import ALPHAS, SteeringCurve, steering_curve
+        from ws_harness.steering import ALPHAS, SteeringCurve, steering_curve  # noqa: F811
 
         probes = self.probes("eval")
         with self.timed("diffs"):
@@ -160,12 +176,12 @@ class HarnessSession:
             )
         return SteeringCurve.from_json(data)
 
-    def labels(self, diff: Any) -> dict[str, torch.Tensor]:
+    def labels(self, diff: Diff) -> dict[str, torch.Tensor]:
         """B-side labels (SPEC §3): label[l] = h(α=+1) − h(α=−1), the residual after block l at
         the last prompt token, no system prompt: {"eval": [L, n_eval, d], "fit": [L, n_fit, d]}."""
         from ws_harness.diffs import weight_steer
 
-        memo: dict[str, dict[str, torch.Tensor]] = self.__dict__.setdefault("_ws_labels", {})
+        memo = self._labels
         if diff.sha256 in memo:
             return memo[diff.sha256]
 

@@ -2,10 +2,11 @@
 
 One snapshot file per model/diff configuration lives under ``snapshots/`` at the project root.
 It records, per hypothesis, the median over diff seeds and the seed range of the gated scores
-(``joint``, ``R_act``, ``R_w_combined``), each score's tolerance, the median rank and rank range
+(``schema.gate_scores()``: joint, R_act, R_w_combined), each score's tolerance, the median rank and rank range
 (ceilings: scores only, never ranked), the stability flag, and the Kendall τ between every pair
-of seed rankings. The plugin adds one item, ``ws_ranking``, after the hypothesis items; it
-aggregates this run's scores and compares them with the snapshot of the same configuration.
+of seed rankings. One item, ``ws_ranking`` (:class:`RankingGateItem`, at the end of this
+module), follows the hypothesis items; it aggregates this run's scores and compares them with
+the snapshot of the same configuration.
 
 **File name** (:func:`snapshot_name`), built from the run's inputs so that another configuration
 never compares against the wrong record::
@@ -81,16 +82,17 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pytest
 from filelock import FileLock
 from syrupy.data import Snapshot, SnapshotCollection
 from syrupy.extensions.json import JSONSnapshotExtension
 
-from ws_harness.ranking import RANK_KEY, aggregate, kendall_taus, per_seed
+from ws_harness import schema
+from ws_harness.ranking import aggregate, kendall_tau, kendall_taus, per_seed
 from ws_harness.results import RunResults
 
 __all__ = [
     "FORMAT",
-    "GATE_SCORES",
     "SPREAD_FACTOR",
     "TOLERANCE_FLOOR_LOG2",
     "TAU_MIN",
@@ -107,12 +109,13 @@ __all__ = [
     "write_snapshot",
     "compare",
     "check_ranking",
+    "RANKING_NODEID",
+    "RankingRegression",
+    "RankingGateItem",
 ]
 
 FORMAT = 1
 SNAPSHOT_DIRNAME = "snapshots"
-GATE_SCORES = ("joint", "r_act", "r_w_combined")
-LABELS = {"joint": "joint", "r_act": "R_act", "r_w_combined": "R_w_combined"}
 SPREAD_FACTOR = 2.0
 TOLERANCE_FLOOR_LOG2 = 0.15
 TAU_MIN = 0.8
@@ -218,9 +221,10 @@ def build_record(results: RunResults) -> OrderedDict:
             entry["rank_range"] = ([None, None] if row["rank_min"] is None
                                    else [int(row["rank_min"]), int(row["rank_max"])])
             entry["stable"] = row["stable"]
-        for score in GATE_SCORES:
+        for score in schema.gate_scores():
             values = _finite(rows[score])
-            ci = {"r_act": ci_act, "joint": ci_act / 2}.get(score, 0.0)
+            # joint is the geometric mean of R_act with the exact R_w: half R_act's CI.
+            ci = {schema.CI_METRIC: ci_act, "joint": ci_act / 2}.get(score, 0.0)
             tol = max(TOLERANCE_FLOOR_LOG2, SPREAD_FACTOR * _iqr([_log2(v) for v in values]), ci)
             tol = _round_sig(tol)
             median = row[f"{score}_median"]
@@ -235,16 +239,16 @@ def build_record(results: RunResults) -> OrderedDict:
         part = taus.filter(pl.col("table") == t)
         if not part.is_empty():
             seed_taus[t] = OrderedDict(
-                (f"{r['seed_a']}~{r['seed_b']}",
+                (f"{r['diff_a']}~{r['diff_b']}",
                  None if r["tau"] is None or math.isnan(r["tau"]) else round(r["tau"], 2))
                 for r in part.iter_rows(named=True))
     return OrderedDict([
         ("format", FORMAT),
         ("configuration", _configuration(results.inputs)),
-        ("rule", {"scores": list(GATE_SCORES), "spread_factor": SPREAD_FACTOR,
+        ("rule", {"scores": list(schema.gate_scores()), "spread_factor": SPREAD_FACTOR,
                   "tolerance_floor_log2": TOLERANCE_FLOOR_LOG2, "tau_min": TAU_MIN,
                   "tau_min_n": TAU_MIN_N}),
-        ("n_seeds", int(seeds["seed"].n_unique())),
+        ("n_seeds", int(seeds["diff"].n_unique())),
         ("kendall_tau_seeds", seed_taus),
         ("hypotheses", hypotheses),
     ])
@@ -352,13 +356,6 @@ def _tol(old: dict[str, Any], new: dict[str, Any], score: str) -> float:
                new.get(f"{score}_tol_log2") or TOLERANCE_FLOOR_LOG2)
 
 
-def _tau(x: list[float], y: list[float]) -> float:
-    from scipy.stats import kendalltau
-
-    value = kendalltau(x, y).statistic
-    return math.nan if value is None else float(value)
-
-
 def compare(old: dict[str, Any], new: dict[str, Any], errors: dict[str, str] | None = None,
             collected: set[str] | None = None) -> Comparison:
     """Apply the tolerance rule of the module docstring to two records (recorded, current).
@@ -371,6 +368,7 @@ def compare(old: dict[str, Any], new: dict[str, Any], errors: dict[str, str] | N
     result = Comparison()
     old_h, new_h = old.get("hypotheses", {}), new.get("hypotheses", {})
     moved: dict[str, float] = {}  # how far the ranking key moved, in tolerances
+    unrecorded: set[str] = set()  # gated scores the snapshot predates
 
     def add(name: str, reason: str) -> None:
         entry_old, entry_new = old_h.get(name, {}), new_h.get(name, {})
@@ -384,8 +382,9 @@ def compare(old: dict[str, Any], new: dict[str, Any], errors: dict[str, str] | N
         n = new_h.get(name)
         if n is None:
             if name in errors or (collected is not None and name in collected):
-                add(name, f"recorded ({LABELS[RANK_KEY[o['table']]]} "
-                          f"{_fmt(o.get(RANK_KEY[o['table']]))}) but not scored in this run: "
+                key = schema.rank_key(o["table"])
+                add(name, f"recorded ({schema.label(key)} "
+                          f"{_fmt(o.get(key))}) but not scored in this run: "
                           f"{errors.get(name, 'no scores')}")
             else:
                 result.notes.append(f"{name}: in the snapshot but not collected in this run "
@@ -393,27 +392,33 @@ def compare(old: dict[str, Any], new: dict[str, Any], errors: dict[str, str] | N
             continue
         if n.get("table") != o.get("table"):
             add(name, f"table changed: {o.get('table')} → {n.get('table')}")
-        key = RANK_KEY[o["table"]]
-        for score in GATE_SCORES:
+        key = schema.rank_key(o["table"])
+        for score in schema.gate_scores():
+            if score not in o:  # a metric added after the snapshot was recorded
+                unrecorded.add(score)
+                continue
             a, b, tol = o.get(score), n.get(score), _tol(o, n, score)
             if a is None and b is None:
                 continue
             if a is None or b is None:
-                add(name, f"{LABELS[score]} {_fmt(a)} → {_fmt(b)} (now {'un' if b is None else ''}"
+                add(name, f"{schema.label(score)} {_fmt(a)} → {_fmt(b)} (now {'un' if b is None else ''}"
                           "defined)")
                 continue
             shift = _log2(b) - _log2(a)
             if score == key:
                 moved[name] = abs(shift) / tol
             if abs(shift) > tol:
-                add(name, f"{LABELS[score]} {_fmt(a)} → {_fmt(b)} (×{2 ** shift:.3g}; seed spread "
+                add(name, f"{schema.label(score)} {_fmt(a)} → {_fmt(b)} (×{2 ** shift:.3g}; seed spread "
                           f"allows ×/÷{2 ** tol:.3g})")
     for name in new_h:
         if name not in old_h:
             result.notes.append(f"{name}: new, not in the snapshot (re-record to include it)")
+    for score in sorted(unrecorded):
+        result.notes.append(f"{schema.label(score)} is gated but not in the snapshot "
+                            f"(re-record to include it: {UPDATE_COMMAND})")
 
     for table in ("write/mixed", "read"):
-        key = RANK_KEY[table]
+        key = schema.rank_key(table)
         names = [h for h, o in old_h.items() if o.get("table") == table and h in new_h
                  and new_h[h].get("table") == table and o.get(key) is not None
                  and new_h[h].get(key) is not None]
@@ -434,16 +439,16 @@ def compare(old: dict[str, Any], new: dict[str, Any], errors: dict[str, str] | N
             shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more"
                                              if len(others) > 4 else "")
             led = "that it led" if where == "below" else "that led it"
-            add(name, f"now {where} {shown}, {led} with non-overlapping recorded {LABELS[key]} "
+            add(name, f"now {where} {shown}, {led} with non-overlapping recorded {schema.label(key)} "
                       "seed ranges")
         # 3. Kendall τ against the snapshot
         if len(names) >= 2:
-            tau = _tau([old_h[h][key] for h in names], [new_h[h][key] for h in names])
+            tau = kendall_tau([old_h[h][key] for h in names], [new_h[h][key] for h in names])
             result.taus[table] = tau
             if len(names) >= TAU_MIN_N and not tau >= TAU_MIN:
                 result.tau_failures.append(
                     f"Kendall τ of the {table} ranking against the snapshot is {tau:.2f} "
-                    f"< {TAU_MIN} (n = {len(names)} hypotheses by {LABELS[key]})")
+                    f"< {TAU_MIN} (n = {len(names)} hypotheses by {schema.label(key)})")
 
     oc, nc = old.get("configuration", {}), new.get("configuration", {})
     if oc.get("model_fingerprint") != nc.get("model_fingerprint"):
@@ -527,3 +532,51 @@ def check_ranking(results: RunResults, snapshot_dir: Path, *, update: bool = Fal
     lines += [f"  note: {note}" for note in comparison.notes]
     lines.append(f"if this change is intended, re-record the snapshot: {UPDATE_COMMAND}")
     return GateOutcome("regression", path, "\n".join(lines), comparison)
+
+
+# ---- the gate item -------------------------------------------------------------------------
+
+RANKING_NODEID = "ws_ranking"
+
+
+class RankingRegression(AssertionError):
+    """The run's ranking moved beyond the seed spread, or no snapshot is recorded for it."""
+
+
+class RankingGateItem(pytest.Item):
+    """SPEC §6: the run's ranking across seeds against the snapshot of its configuration.
+
+    One per session, added after the hypothesis items (ws_harness.collect); it aggregates every
+    hypothesis's scores (under xdist from the shared disk cache) and applies
+    :func:`check_ranking`, or records the snapshot with --ws-update-snapshots.
+    """
+
+    def runtest(self) -> None:
+        from ws_harness.plugin import get_run
+        from ws_harness.results import collect_results
+
+        run = get_run(self.config)
+        run.ran = True
+        results = collect_results(run.scoreboard)
+        if results.empty:
+            raise RankingRegression(
+                "no hypothesis could be scored, so there is no ranking to check: "
+                + "; ".join(f"{k}: {v}" for k, v in sorted(results.errors.items()))
+            )
+        update = bool(self.config.getoption("ws_update_snapshots", False))
+        outcome = check_ranking(
+            results, self.config.rootpath / SNAPSHOT_DIRNAME, update=update,
+            lock_dir=run.harness.config.cache_dir / "locks",
+            collected=set(run.scoreboard.hypotheses),
+        )
+        self.user_properties.append(("ws_ranking", outcome.message.splitlines()[0]))
+        if outcome.failed:
+            raise RankingRegression(outcome.message)
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, RANKING_NODEID
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, RankingRegression):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style)

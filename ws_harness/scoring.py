@@ -1,0 +1,145 @@
+"""The scoring core: bases against one diff's targets → per-layer rows and a summary (no session)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ws_harness import schema
+from ws_harness.scores import (
+    Score,
+    Target,
+    activation_target,
+    bootstrap_mean_r_act_ci,
+    combined_weight_target,
+    pct_oracle,
+    recovery,
+    summarize_layers,
+    weight_target,
+)
+
+__all__ = ["DiffTargets", "score_bases"]
+
+
+@dataclass
+class DiffTargets:
+    """One diff's targets per layer (SPEC §4) and the base-model references of the secondary scores.
+
+    act: A_act from the EVAL labels; w_oproj, w_downproj: A_T from ΔW_o and ΔW_down;
+    w_combined: their balanced concatenation (None where the diff leaves a layer untouched).
+    labels [L, n_eval, d]: h(α=+1) − h(α=−1). write_weights: the base [W_o | W_down] per layer
+    (structured null); clean_pcs: the top-k clean FIT PCs per layer (specificity). The last two
+    come from the base model (A side), not the diff.
+    """
+
+    act: list[Target | None]
+    w_oproj: list[Target | None]
+    w_downproj: list[Target | None]
+    w_combined: list[Target | None]
+    labels: torch.Tensor
+    touched: list[int]
+    write_weights: list[torch.Tensor] = field(default_factory=list)
+    clean_pcs: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls, labels: torch.Tensor, deltas: dict[tuple[int, str], torch.Tensor],
+        touched: Sequence[int], write_weights: Sequence[torch.Tensor] = (),
+        clean_pcs: Sequence[torch.Tensor] = (),
+    ) -> DiffTargets:
+        """Targets from labels [L, n, d] and the diff's {(layer, role): ΔW} (roles 'o', 'down')."""
+        n_layers = labels.shape[0]
+        o = [deltas.get((l, "o")) for l in range(n_layers)]
+        down = [deltas.get((l, "down")) for l in range(n_layers)]
+        # Layers upstream of every touched parameter have an exactly zero label: no target there.
+        return cls(
+            act=[activation_target(labels[l]) if bool(labels[l].any()) else None
+                 for l in range(n_layers)],
+            w_oproj=[weight_target(m) for m in o],
+            w_downproj=[weight_target(m) for m in down],
+            w_combined=[combined_weight_target([a, b]) for a, b in zip(o, down)],
+            labels=labels,
+            touched=sorted(touched),
+            write_weights=list(write_weights),
+            clean_pcs=list(clean_pcs),
+        )
+
+
+def _mean_defined(values: Sequence[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return float(np.mean(kept)) if kept else math.nan
+
+
+def score_bases(
+    bases: Sequence[torch.Tensor | None], targets: DiffTargets, axis: str, scope: str
+) -> dict[str, Any]:
+    """Per-layer rows and the layer-averaged summary of one basis set against one diff.
+
+    bases: one orthonormal [d, r] basis (or None) per layer; axis: the hypothesis's axis kind
+    (which metrics apply); scope: 'per_layer' or 'global' (which null the layer mean uses).
+    Every metric of the schema is computed; rows carry layer, touched and rank, the caller adds
+    the identity columns. Summaries average over the touched layers that have a basis.
+    """
+    touched = set(targets.touched)
+    used = [l for l in targets.touched if bases[l] is not None]
+    kind = "global" if scope == "global" else "per_layer"
+    rows: list[dict[str, Any]] = [
+        {"layer": l, "touched": l in touched, "rank": 0 if B is None else int(B.shape[1])}
+        for l, B in enumerate(bases)
+    ]
+    summary: dict[str, Any] = {
+        "rank": float(np.mean([r["rank"] for r in rows if r["touched"] and r["rank"] > 0] or [0])),
+        "n_layers": len(used),
+    }
+    for m in schema.metrics():
+        if m.kind == "derived":
+            continue
+        applies = m.applies_to(axis)
+        if m.kind == "recovery":
+            per_layer: list[tuple[Score, Target | None]] = []
+            for l, B in enumerate(bases):
+                target = m.target(targets, l)
+                score = None if B is None or not applies else recovery(B, target,
+                                                                       p_method=schema.P_METHOD)
+                if l in touched and score is not None:
+                    per_layer.append((score, target))
+                rows[l][m.name] = math.nan if score is None else score.r
+                rows[l][m.z] = math.nan if score is None else score.z
+                rows[l][m.p] = math.nan if score is None else score.p
+                rows[l][m.pct_oracle] = (math.nan if B is None or not applies
+                                         else pct_oracle(B, target))
+            summary.update(_summarize(m, per_layer, kind))
+            summary[m.pct_oracle] = _mean_defined([rows[l][m.pct_oracle] for l in used])
+        else:
+            for l, B in enumerate(bases):
+                # Layer metrics are defined where the diff acts (labels upstream of it are 0).
+                defined = applies and B is not None and l in touched
+                rows[l][m.name] = m.per_layer(B, targets, l) if defined else math.nan
+            summary[m.name] = _mean_defined([rows[l][m.name] for l in used])
+    ci = schema.CI_METRIC
+    if used and ci in summary:
+        lo, hi = bootstrap_mean_r_act_ci([bases[l] for l in used], [targets.labels[l] for l in used])
+    else:
+        lo = hi = math.nan
+    summary[f"{ci}_ci_lo"], summary[f"{ci}_ci_hi"] = lo, hi
+    for m in schema.metrics():
+        if m.kind == "derived":
+            summary[m.name] = m.derive(summary) if m.applies_to(axis) else math.nan
+    return {"rows": rows, "summary": summary}
+
+
+def _summarize(m: schema.Metric, pairs: list[tuple[Score, Target | None]], kind: str) -> dict:
+    """Layer mean of a recovery metric with its exact null: saddlepoint p (claims) and Beta p."""
+    if not pairs:
+        return {m.name: math.nan, m.z: math.nan, m.p: math.nan, m.p_beta: math.nan}
+    scores, tgts = zip(*pairs)
+    # A global basis scored where some layers lack a target (e.g. o untouched) still has one
+    # rank; summarize_layers excludes the undefined layers from both mean and null.
+    s = summarize_layers(list(scores), list(tgts), kind, p_method=schema.P_METHOD)
+    beta = summarize_layers(list(scores), list(tgts), kind, p_method="beta")
+    return {m.name: s.mean_r, m.z: s.z, m.p: s.p, m.p_beta: beta.p}
