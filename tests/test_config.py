@@ -51,6 +51,7 @@ def test_defaults_then_pyproject_then_env_then_cli(tmp_path: Path) -> None:
         ({"model": "not a model"}, "neither an embedded model"),
         ({"diff": "missing.pt"}, "missing.pt does not exist"),
         ({"behaviour": "flattery"}, "unknown behaviour 'flattery'"),
+        ({"measure": "some"}, "measure must be one of top, all, none"),
     ],
 )
 def test_invalid_values_name_the_setting(tmp_path: Path, cli: dict, message: str) -> None:
@@ -98,7 +99,7 @@ def test_bad_option_fails_at_startup(pytester: pytest.Pytester) -> None:
 
 
 def test_settings_table_is_the_one_source() -> None:
-    assert NAMES == ["model", "diff", "seeds", "rank", "out", "cache_dir", "behaviour"]
+    assert NAMES == ["model", "diff", "seeds", "rank", "out", "cache_dir", "behaviour", "measure"]
     assert [f.name for f in fields(HarnessConfig) if f.name != "sources"] == NAMES
     defaults = HarnessConfig()
     for s in SETTINGS:
@@ -107,7 +108,8 @@ def test_settings_table_is_the_one_source() -> None:
         assert s.option == "--ws-" + s.name.replace("_", "-")
         assert s.dest == "ws_" + s.name
     assert [s.shown_default for s in SETTINGS] == [
-        "smollm2-135m-instruct", "build", "0,1,2", "8", "ws-out", ".ws-cache", "sycophancy"
+        "smollm2-135m-instruct", "build", "0,1,2", "8", "ws-out", ".ws-cache", "sycophancy",
+        "top",
     ]
 
 
@@ -136,6 +138,7 @@ def _layer_values(name: str, root: Path) -> tuple[str, str, str, tuple[Any, Any,
         "cache_dir": ('"c1"', "c2", "c3", (root / "c1", root / "c2", root / "c3")),
         "behaviour": ('"sycophancy"', str(root / "e.json"), str(root / "c.json"),
                       ("sycophancy", str(root / "e.json"), str(root / "c.json"))),
+        "measure": ('"all"', "none", "top", ("all", "none", "top")),
     }[name]
 
 
@@ -183,7 +186,8 @@ def test_pytest_options_come_from_settings(
         "from ws_harness.config import cli_values\n"
         "def test_values(pytestconfig):\n"
         "    assert cli_values(pytestconfig) == {'model': None, 'diff': None, 'seeds': '4,5',\n"
-        "        'rank': '3', 'out': None, 'cache_dir': 'c', 'behaviour': None}\n"
+        "        'rank': '3', 'out': None, 'cache_dir': 'c', 'behaviour': None,\n"
+        "        'measure': None}\n"
     )
     result = pytester.runpytest("--ws-rank", "3", "--ws-cache-dir", "c", "--ws-seeds=4,5")
     result.assert_outcomes(passed=1)

@@ -22,19 +22,28 @@ WriteProject = Callable[[pytest.Pytester, Path, list[Path]], Path]  # conftest f
 
 
 def test_claims_per_axis_and_derived_lists_come_from_the_schema() -> None:
-    assert schema.claims_for("write") == ("r_act", "r_w_combined")
-    assert schema.claims_for("mixed") == ("r_act", "r_w_combined")
-    assert schema.claims_for("read") == ("r_act",)
+    assert schema.claims_for("write") == ("r_causal", "r_act", "r_w_combined")
+    assert schema.claims_for("mixed") == ("r_causal", "r_act", "r_w_combined")
+    assert schema.claims_for("read") == ("r_causal_read", "r_act")
     assert schema.claims_for("ceiling") == ()
-    assert schema.gate_scores() == ("joint", "r_act", "r_w_combined")
-    assert schema.rank_key("write/mixed") == "joint" and schema.rank_key("read") == "r_act"
+    assert schema.gate_scores() == ("r_causal", "r_causal_read", "joint", "r_act", "r_w_combined")
+    assert schema.rank_key("write/mixed") == "r_causal"
+    assert schema.rank_key("read") == "r_causal_read"
+    assert schema.rank_beside() == ("joint", "r_act", "r_w_combined")
     cols = schema.per_layer_columns()
     assert cols[:5] == list(schema.ID_COLUMNS)
     for m in schema.recovery_metrics():
         assert {m.name, m.z, m.p, m.pct_oracle} <= set(cols)
     assert [h for _, h in schema.terminal_columns()] == [
-        "joint", "R_act", "pct_act", "z_act", "R_w_combined", "z_w"]
-    assert schema.oracle_names() == ("r_act", "r_w_oproj", "r_w_downproj", "r_w_combined")
+        "R_causal", "z_causal", "R_c_read", "keep", "joint", "R_act", "pct_act", "z_act", "R_w",
+        "z_w"]
+    assert schema.oracle_names() == ("r_causal", "r_causal_read", "r_act", "r_w_oproj",
+                                      "r_w_downproj", "r_w_combined")
+    causal = schema.metric("r_causal")
+    assert causal.summary_columns() == ["r_causal", "c_lin", "z_causal", "p_causal",
+                                        "pct_oracle_causal"]
+    assert causal.scale == "linear" and schema.metric("r_act").scale == "log"
+    assert schema.metric("c_keep").summary_columns() == ["c_keep", "c_keep_lo", "c_keep_hi"]
 
 
 def test_claim_rule_and_classification() -> None:
@@ -50,7 +59,7 @@ def test_bad_metric_entries_are_refused_with_the_reason() -> None:
         schema.Metric("r_x", "R_x", "recovery")
     with pytest.raises(ValueError, match="must start with 'r_'"):
         schema.Metric("x", "x", "recovery", target=lambda t, l: None)
-    with pytest.raises(ValueError, match="only recovery metrics"):
+    with pytest.raises(ValueError, match="only metrics with a null make claims"):
         schema.Metric("x", "x", "derived", derive=lambda s: 0.0, claim_axes=("write",))
     with pytest.raises(ValueError, match="unknown axis kinds"):
         schema.Metric("r_x", "R_x", "recovery", target=lambda t, l: None, axes=("sideways",))

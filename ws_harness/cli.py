@@ -73,16 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     findings.add_argument("out", nargs="?", type=Path, default=None,
                           help="the run's output folder (default: the configured --ws-out)")
+    findings.add_argument("--write", action="store_true",
+                          help="rewrite each hypothesis file's refuted= to the run's findings")
     return parser
 
 
 def _findings(args: argparse.Namespace) -> int:
     from ws_harness.config import resolve_config
-    from ws_harness.findings import finding_lines, stale_records
+    from ws_harness.findings import finding_lines, stale_records, write_findings
     from ws_harness.results import read_tables
 
     out = args.out or resolve_config(Path.cwd(), {}).out
     results = read_tables(out)
+    if args.write:
+        for path in write_findings(results):
+            print(f"updated {path}")
+        return 0
     for line in finding_lines(results):
         print(line)
     stale = stale_records(results)

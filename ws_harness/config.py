@@ -177,6 +177,18 @@ def _parse_behaviour(value: Any, source: str, rootdir: Path) -> str:
     return value
 
 
+MEASURE_MODES = ("top", "all", "none")
+
+
+def _parse_measure(value: Any, source: str, rootdir: Path) -> str:
+    if not isinstance(value, str) or value.strip() not in MEASURE_MODES:
+        raise ConfigError(
+            f"{source}: measure must be one of {', '.join(MEASURE_MODES)} (which hypotheses get "
+            f"the measured keep/drop retention), got {value!r}"
+        )
+    return value.strip()
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting: its name, env var, built-in default, parser `(value, source, rootdir)` and help."""
@@ -226,6 +238,10 @@ SETTINGS: tuple[Setting, ...] = (
             "on-disk cache for converted models, diffs and captures"),
     Setting("behaviour", "WS_BEHAVIOUR", "sycophancy", _parse_behaviour,
             "behaviour data: a shipped name (sycophancy) or a .json path"),
+    Setting("measure", "WS_MEASURE", "top", _parse_measure,
+            "measured keep/drop retention for: top (causal_oracle, block_oracle, w_oracle and "
+            "the 3 best write/mixed hypotheses by c_lin, per diff), all (every write/mixed "
+            "hypothesis) or none"),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 ENV_VARS: dict[str, str] = {s.name: s.env for s in SETTINGS}
@@ -246,6 +262,7 @@ class HarnessConfig:
     out: Path = _default("out")
     cache_dir: Path = _default("cache_dir")
     behaviour: str = _default("behaviour")
+    measure: str = _default("measure")
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property

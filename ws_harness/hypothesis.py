@@ -71,6 +71,7 @@ class Hypothesis:
     definition: str
     module: str
     refuted: Mapping[str, tuple[int | str, ...] | None] = field(default_factory=dict)
+    file: str = ""  # the hypothesis file's path (where its recorded findings live)
     oracle_of: str | None = None  # ceilings only: the metric this basis is the Ky Fan optimum of
     rank_factor: int = 1  # the basis may have up to rank_factor·k directions (unions)
 
@@ -141,7 +142,8 @@ def _decorator(
         name, doc, module = _caller_module(fn)
         hyp = Hypothesis(
             name=name, family=family, axis=axis, scope=scope, build=fn, definition=doc,
-            module=module, refuted=_normalise_refuted(refuted, name), oracle_of=oracle_of,
+            module=module, file=inspect.getsourcefile(fn) or "",
+            refuted=_normalise_refuted(refuted, name), oracle_of=oracle_of,
             rank_factor=rank_factor,
         )
         not_made = sorted(set(hyp.refuted) - set(hyp.claims()))
@@ -303,10 +305,13 @@ class FitContext:
 
 
 class CeilingContext(FitContext):
-    """A FitContext plus one diff's B side, for ceilings only (SPEC §5 "Ceilings").
+    """A FitContext plus one diff's B side, for ceilings only (SPEC §5 "Ceilings", §4.1).
 
     label [L, n_eval, d] and label_fit [L, n_fit, d]: h(α=+1) − h(α=−1) at the last token;
-    delta(layer, role): that layer's ΔW for role 'o' or 'down', or None where untouched.
+    block_label [L, n_eval, d]: the block-local label (h_out − h_in)(α=+1) − (h_out − h_in)(α=−1),
+    i.e. label[l] − label[l−1] (the embedding, block 0's input, is not part of a diff);
+    delta(layer, role): that layer's ΔW for a role, or None where untouched;
+    causal(layer): the attribution matrix C_l of the residual writes (SPEC §4.1), or None.
     """
 
     def __init__(
@@ -315,14 +320,20 @@ class CeilingContext(FitContext):
         label: torch.Tensor,
         label_fit: torch.Tensor,
         deltas: Mapping[tuple[int, str], torch.Tensor],
+        causal: Sequence[torch.Tensor | None] = (),
     ) -> None:
         super().__init__(**fit._inputs)  # the same inputs, a fresh memo
         self.label = label
         self.label_fit = label_fit
+        self.block_label = torch.cat([label[:1], label[1:] - label[:-1]])
         self._deltas = dict(deltas)
+        self._causal = list(causal)
 
     def delta(self, layer: int, role: str) -> torch.Tensor | None:
         return self._deltas.get((layer, role))
+
+    def causal(self, layer: int) -> torch.Tensor | None:
+        return self._causal[layer] if self._causal else None
 
 
 def check_bases(hyp: Hypothesis, raw: Any, n_layers: int, d: int) -> list[torch.Tensor | None]:

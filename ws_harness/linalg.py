@@ -10,6 +10,7 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_RTOL",
     "orthonormalize",
+    "top_eigenvectors",
     "numerical_rank",
     "pca_basis",
     "left_basis",
@@ -117,6 +118,18 @@ def orthonormalize(M: Tensor, rtol: float = DEFAULT_RTOL, *, atol: float = 0.0) 
     U, s = _left_svd(M)
     r = _n_supported(s, rtol, atol)
     return U[:, :r].to(device=M.device, dtype=_out_dtype(M)).contiguous()
+
+
+def top_eigenvectors(C: Tensor, k: int) -> Tensor:
+    """The k eigenvectors of a symmetric (possibly indefinite) d×d C with the largest
+    eigenvalues, float32 [d, k]: by Ky Fan they maximise tr(BᵀCB) over orthonormal rank-k B."""
+    C = _check_matrix(C, "C")
+    if C.shape[0] != C.shape[1]:
+        raise ValueError(f"C must be square (d×d), got shape {tuple(C.shape)}")
+    k = min(_check_k(k), int(C.shape[0]))
+    C64 = _f64(C)
+    _, evecs = torch.linalg.eigh((C64 + C64.T) / 2)
+    return evecs.flip(1)[:, :k].to(_out_dtype(C)).contiguous()
 
 
 def numerical_rank(M: Tensor, rtol: float = DEFAULT_RTOL) -> int:

@@ -58,11 +58,14 @@ def per_seed(results: RunResults) -> pl.DataFrame:
     for name in TABLES:
         key = pl.when(pl.col("table") == name).then(pl.col(schema.rank_key(name))).otherwise(key)
     frame = frame.with_columns(key.alias("rank_key"))
-    rank = pl.col("rank_key").rank(method="min", descending=True).over(["diff", "table"])
-    return frame.with_columns(
-        pl.when(pl.col("table") == "ceiling").then(None).otherwise(rank).cast(pl.Float64)
-        .alias("rank")
-    ).sort(["diff", "table", "rank", "hypothesis"], nulls_last=True)
+    def rank_by(col: str) -> pl.Expr:
+        rank = pl.col(col).rank(method="min", descending=True).over(["diff", "table"])
+        return pl.when(pl.col("table") == "ceiling").then(None).otherwise(rank).cast(pl.Float64)
+
+    # The primary rank, and beside it the rank each table would have by other scores.
+    frame = frame.with_columns(rank_by("rank_key").alias("rank"),
+                               *[rank_by(m).alias(f"rank_{m}") for m in schema.rank_beside()])
+    return frame.sort(["diff", "table", "rank", "hypothesis"], nulls_last=True)
 
 
 def aggregate(results: RunResults) -> pl.DataFrame:
@@ -76,7 +79,7 @@ def aggregate(results: RunResults) -> pl.DataFrame:
     frame = per_seed(results)
     aggs = []
     ci = schema.CI_METRIC
-    for col in schema.score_columns() + ["rank"]:
+    for col in schema.score_columns() + ["rank"] + [f"rank_{m}" for m in schema.rank_beside()]:
         c = pl.col(col)
         aggs += [c.median().alias(f"{col}_median"),
                  (c.quantile(0.75, "linear") - c.quantile(0.25, "linear")).alias(f"{col}_iqr")]
@@ -157,8 +160,8 @@ def _stability_lines(table: pl.DataFrame, taus: pl.DataFrame, name: str) -> list
 
 def _cell(value: float | None, column: str) -> str:
     if value is None:
-        return f"{'—':>7}"
-    return f"{value:7.1f}" if column.startswith("z_") else f"{value:7.2f}"
+        return f"{'—':>8}"
+    return f"{value:8.1f}" if column.startswith("z_") else f"{value:8.2f}"
 
 
 def summary_lines(results: RunResults, width: int = 28) -> list[str]:
@@ -178,7 +181,7 @@ def summary_lines(results: RunResults, width: int = 28) -> list[str]:
         how = "not ranked; shown for scale" if name == "ceiling" else f"rank by {key}"
         lines.append(f"--- {name} (median over {part['n_seeds'].max()} seeds; {how}) ---")
         lines.append(f"{'rank':>5} {'hypothesis':<{width}} "
-                     + " ".join(f"{header:>7}" for _, header in columns)
+                     + " ".join(f"{header:>8}" for _, header in columns)
                      + f" {'range':>7}  family")
         for row in part.iter_rows(named=True):
             rank = row["rank_median"]

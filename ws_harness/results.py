@@ -76,6 +76,7 @@ def _jsonable(value: Any) -> Any:
 def collect_results(board: Scoreboard) -> RunResults:
     """Scores of every registered hypothesis for every diff, with claims and run inputs."""
     scores = board.all_scores()
+    measured = board.measured_summaries() if scores else {}
     claims = []
     for (name, diff_name, claim), value in sorted(board.claims.items()):
         hyp = board.hypotheses[name]
@@ -85,11 +86,13 @@ def collect_results(board: Scoreboard) -> RunResults:
                        "status": schema.classify(value["holds"], recorded)})
     return RunResults(
         rows=[row for result in scores.values() for row in result["rows"]],
-        summaries=[result["summary"] for result in scores.values()],
+        summaries=[{**result["summary"], **measured.get(key, {})}
+                   for key, result in scores.items()],
         claims=claims,
         hypotheses={
             name: {"family": h.family, "axis_kind": h.axis, "scope": h.scope,
-                   "definition": h.definition, "module": h.module, "oracle_of": h.oracle_of,
+                   "definition": h.definition, "module": h.module, "file": h.file,
+                   "oracle_of": h.oracle_of,
                    "refuted": {c: (None if s is None else list(s)) for c, s in h.refuted.items()}}
             for name, h in sorted(board.hypotheses.items())
         },

@@ -6,7 +6,7 @@ rank keys, the terminal table, the snapshot gate's scores, the report's heatmap 
 claims an axis kind makes. Adding a metric is one :func:`register` call plus its compute
 function (see README, "Adding a metric").
 
-Three kinds of metric:
+Four kinds of metric:
 
 * ``recovery`` — E(B) = tr(BᵀAB) against a per-layer target A (SPEC §4) with the exact
   random-subspace null: per-layer and summary columns ``r_<stem>``, ``z_<stem>``, ``p_<stem>``
@@ -14,7 +14,13 @@ Three kinds of metric:
   ``pct_oracle_<stem>``. ``target(targets, layer)`` gives A (a ``scores.Target`` or None).
 * ``layer`` — any per-layer number ``per_layer(B, targets, layer)``; the summary is its mean
   over the touched layers where it is finite.
+* ``linear`` — linear (attribution) retention (SPEC §4.1): ``target(targets, layer)`` gives a
+  symmetric, possibly indefinite d×d matrix C_l; c = Σ_l tr(B_lᵀC_lB_l)/Σ_l tr(C_l) (column
+  ``fraction``, e.g. ``c_lin``), R = c / its exact null mean, with ``z_<stem>``, ``p_<stem>``
+  and ``pct_oracle_<stem>`` (the Ky Fan optimum: top-k eigenvectors of C_l).
 * ``derived`` — a function ``derive(summary)`` of the other summary columns.
+* ``measured`` — measured with the model outside the scoring core (the keep/drop steering
+  retention of SPEC §4.1, ``ws_harness.retention``); ``interval`` adds ``<name>_lo``/``_hi``.
 
 The claim rule (SPEC §6): a claim is "``<metric>`` > 1" for the axis kinds the metric lists in
 ``claim_axes``, tested with one-sided p < ``ALPHA`` after Benjamini–Hochberg over every claim
@@ -56,6 +62,8 @@ __all__ = [
     "register",
     "unregister",
     "recovery_metrics",
+    "measured_metrics",
+    "rank_beside",
     "claims_for",
     "claim_metrics",
     "claim_names",
@@ -97,7 +105,7 @@ CI_METRIC = "r_act"  # the bootstrap CI over EVAL prompts (r_act_ci_lo/hi) is of
 SCATTER_AXES = ("r_act", "r_w_combined")  # the joint scatter (SPEC §7): x, y
 
 ClaimStatus = Literal["held", "refuted", "surprise", "stale"]
-MetricKind = Literal["recovery", "layer", "derived"]
+MetricKind = Literal["recovery", "linear", "layer", "derived", "measured"]
 Column = Literal["r", "z", "pct_oracle"]
 
 
@@ -114,6 +122,10 @@ class Metric:
     ranks: the tables it is the ranking key of.
     terminal: the columns of it the terminal table shows ("r" = the value).
     heatmap: a per-layer panel in layer_heatmap.png (needs per-layer values).
+    fraction: linear metrics: the column of the retained fraction itself (``c_lin``).
+    scale: how the snapshot gate measures moves: "log" (ratios; R > 0) or "linear" (absolute,
+      for scores that can be ≤ 0, such as R_causal).
+    rank_beside: the ranking also reports each hypothesis's rank by this metric.
     """
 
     name: str
@@ -129,34 +141,41 @@ class Metric:
     ranks: tuple[str, ...] = ()
     terminal: tuple[Column, ...] = ()
     heatmap: bool = False
+    fraction: str | None = None
+    scale: Literal["log", "linear"] = "log"
+    rank_beside: bool = False
+    interval: bool = False
 
     def __post_init__(self) -> None:
-        needs = {"recovery": "target", "layer": "per_layer", "derived": "derive"}
+        needs = {"recovery": "target", "linear": "target", "layer": "per_layer",
+                 "derived": "derive", "measured": None}
         if self.kind not in needs:
             raise ValueError(f"metric {self.name!r}: kind {self.kind!r} is not one of {list(needs)}")
-        if getattr(self, needs[self.kind]) is None:
+        if needs[self.kind] is not None and getattr(self, needs[self.kind]) is None:
             raise ValueError(f"metric {self.name!r}: a {self.kind} metric needs {needs[self.kind]}=")
-        if self.kind == "recovery" and not self.name.startswith("r_"):
-            raise ValueError(f"recovery metric {self.name!r}: its name must start with 'r_'")
-        if self.claim_axes and self.kind != "recovery":
-            raise ValueError(f"metric {self.name!r}: only recovery metrics (with a null) make claims")
+        if self.has_null and not self.name.startswith("r_"):
+            raise ValueError(f"{self.kind} metric {self.name!r}: its name must start with 'r_'")
+        if self.kind == "linear" and not self.fraction:
+            raise ValueError(f"linear metric {self.name!r}: name its fraction column (fraction=)")
+        if self.claim_axes and not self.has_null:
+            raise ValueError(f"metric {self.name!r}: only metrics with a null make claims")
         unknown = sorted((set(self.axes) | set(self.claim_axes)) - set(AXIS_KINDS))
         if unknown:
             raise ValueError(f"metric {self.name!r}: unknown axis kinds {unknown}; use {AXIS_KINDS}")
         bad_tables = sorted(set(self.ranks) - set(TABLES))
         if bad_tables:
             raise ValueError(f"metric {self.name!r}: unknown tables {bad_tables}; use {TABLES}")
-        if self.heatmap and self.kind == "derived":
+        if self.heatmap and self.kind in ("derived", "measured"):
             raise ValueError(f"metric {self.name!r}: a derived metric has no per-layer values")
 
     @property
     def stem(self) -> str:
-        return self.name[2:] if self.kind == "recovery" else self.name
+        return self.name[2:] if self.has_null else self.name
 
     @property
     def has_null(self) -> bool:
-        """Whether it has z and p columns (the exact null of SPEC §4)."""
-        return self.kind == "recovery"
+        """Whether it has z and p columns (the exact nulls of SPEC §4 and §4.1)."""
+        return self.kind in ("recovery", "linear")
 
     @property
     def z(self) -> str | None:
@@ -168,11 +187,11 @@ class Metric:
 
     @property
     def p_beta(self) -> str | None:
-        return f"p_{self.stem}_beta" if self.has_null else None
+        return f"p_{self.stem}_beta" if self.kind == "recovery" else None
 
     @property
     def pct_oracle(self) -> str | None:
-        return f"pct_oracle_{self.stem}" if self.kind == "recovery" else None
+        return f"pct_oracle_{self.stem}" if self.has_null else None
 
     def applies_to(self, axis: str) -> bool:
         return axis in self.axes
@@ -181,12 +200,18 @@ class Metric:
         """Its columns in the per-layer table."""
         if self.kind == "recovery":
             return [self.name, self.z, self.p, self.pct_oracle]  # type: ignore[list-item]
+        if self.kind == "linear":
+            return [self.name, self.fraction]  # type: ignore[list-item]
         return [self.name] if self.kind == "layer" else []
 
     def summary_columns(self) -> list[str]:
         """Its columns in the summary table."""
         if self.kind == "recovery":
             return [self.name, self.z, self.p, self.p_beta, self.pct_oracle]  # type: ignore[list-item]
+        if self.kind == "linear":
+            return [self.name, self.fraction, self.z, self.p, self.pct_oracle]  # type: ignore[list-item]
+        if self.interval:
+            return [self.name, f"{self.name}_lo", f"{self.name}_hi"]
         return [self.name]
 
 
@@ -236,19 +261,33 @@ def unregister(name: str) -> None:
 
 
 for _entry in (
-    # joint is listed first so that it leads the terminal table and the gate's score list.
+    # Schema order is display order: the causal score leads the terminal table and the gate.
+    Metric("r_causal", "R_causal", "linear", short="causal",
+           target=lambda t, l: t.causal[l] if t.causal else None, fraction="c_lin",
+           claim_axes=_WRITE_MIXED, gate=True, scale="linear", ranks=("write/mixed", "ceiling"),
+           terminal=("r", "z")),
+    Metric("r_causal_read", "R_causal_read", "linear", short="c_read",
+           target=lambda t, l: t.causal_read[l] if t.causal_read else None,
+           fraction="c_lin_read", claim_axes=("read",), gate=True, scale="linear",
+           ranks=("read",), terminal=("r",)),
+    Metric("c_keep", "c_keep (measured)", "measured", short="keep", interval=True,
+           terminal=("r",)),
+    Metric("c_drop", "c_drop (measured)", "measured", short="drop", interval=True),
+    Metric("c_keep_norm", "c_keep, norm-matched", "measured", short="keep_nm"),
+    Metric("keep_percentile", "c_keep percentile among random subspaces", "measured",
+           short="keep_pct"),
     Metric("joint", "joint", "derived", short="joint",
            derive=lambda s: scores.joint_score(s["r_act"], s["r_w_combined"]),
-           gate=True, ranks=("write/mixed", "ceiling"), terminal=("r",)),
+           gate=True, rank_beside=True, terminal=("r",)),
     Metric("r_act", "R_act", "recovery", short="act", target=lambda t, l: t.act[l],
-           claim_axes=("write", "read", "mixed"), gate=True, ranks=("read",),
+           claim_axes=("write", "read", "mixed"), gate=True, rank_beside=True,
            terminal=("r", "pct_oracle", "z"), heatmap=True),
     Metric("r_w_oproj", "R_w_oproj", "recovery", short="w_o", target=lambda t, l: t.w_oproj[l]),
     Metric("r_w_downproj", "R_w_downproj", "recovery", short="w_down",
            target=lambda t, l: t.w_downproj[l]),
     Metric("r_w_combined", "R_w_combined", "recovery", short="w",
            target=lambda t, l: t.w_combined[l], claim_axes=_WRITE_MIXED, gate=True,
-           terminal=("r", "z"), heatmap=True),
+           rank_beside=True, terminal=("r", "z"), heatmap=True),
     Metric("overlap_w", "overlap with w_oracle", "layer", short="overlap", per_layer=_overlap_w),
     Metric("r_w_struct", "R_w vs structured null", "layer", short="w_struct",
            per_layer=_r_w_struct, axes=_WRITE_MIXED),
@@ -280,6 +319,15 @@ def recovery_metrics() -> tuple[Metric, ...]:
     return tuple(m for m in metrics() if m.kind == "recovery")
 
 
+def measured_metrics() -> tuple[Metric, ...]:
+    return tuple(m for m in metrics() if m.kind == "measured")
+
+
+def rank_beside() -> tuple[str, ...]:
+    """Metrics whose per-table rank is reported beside the primary rank."""
+    return tuple(m.name for m in metrics() if m.rank_beside)
+
+
 def claims_for(axis: str) -> tuple[str, ...]:
     """The claims (metric names) a hypothesis of this axis kind makes, in schema order."""
     if axis not in AXIS_KINDS:
@@ -297,8 +345,8 @@ def claim_names() -> tuple[str, ...]:
 
 
 def oracle_names() -> tuple[str, ...]:
-    """What a ceiling's `oracle_of=` may name: the recovery metrics (they have a Ky Fan optimum)."""
-    return tuple(m.name for m in recovery_metrics())
+    """What a ceiling's `oracle_of=` may name: metrics with a Ky Fan optimum (recovery, linear)."""
+    return tuple(m.name for m in metrics() if m.has_null)
 
 
 def holds(value: float, p_adjusted: float) -> bool:
@@ -338,7 +386,7 @@ def score_columns() -> list[str]:
     """Summary columns the ranking aggregates (median and IQR over seeds)."""
     cols: list[str] = []
     for m in metrics():
-        cols += [c for c in (m.name, m.pct_oracle, m.z) if c is not None]
+        cols += [c for c in (m.name, m.fraction, m.pct_oracle, m.z) if c is not None]
     return cols
 
 
@@ -357,7 +405,7 @@ def terminal_columns() -> list[tuple[str, str]]:
         short = m.short or m.stem
         for col in m.terminal:
             if col == "r":
-                out.append((m.name, m.label if m.kind == "recovery" else short))
+                out.append((m.name, f"R_{short}" if m.has_null else short))
             elif col == "pct_oracle" and m.pct_oracle:
                 out.append((m.pct_oracle, f"pct_{short}"))
             elif col == "z" and m.z:
@@ -383,7 +431,8 @@ def fingerprint() -> dict[str, Any]:
     out: dict[str, Any] = {"p_method": P_METHOD, "structured_samples": STRUCTURED_SAMPLES}
     for m in metrics():
         fn = m.target or m.per_layer or m.derive
-        out[m.name] = [m.kind, list(m.axes), _source_hash(fn)]
+        if fn is not None:  # measured metrics are keyed by their own cache entries
+            out[m.name] = [m.kind, list(m.axes), _source_hash(fn)]
     return out
 
 

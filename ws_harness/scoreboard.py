@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ws_harness import __version__, schema
+from ws_harness import __version__, retention, schema
 from ws_harness.cache import code_version, worker_order
 from ws_harness.hypothesis import (
     Acts,
@@ -27,7 +29,12 @@ if TYPE_CHECKING:
     from ws_harness.diffs import Diff
     from ws_harness.session import HarnessSession
 
-__all__ = ["Scoreboard"]
+__all__ = ["Scoreboard", "MEASURE_TOP", "MEASURED_CEILINGS", "REFERENCE_DRAWS"]
+
+# Measured retention costs two forwards per variant, so by default only these are measured.
+MEASURE_TOP = 3  # write/mixed hypotheses per diff, by c_lin
+MEASURED_CEILINGS = ("causal_oracle", "block_oracle", "w_oracle")
+REFERENCE_DRAWS = 6  # Haar draws per diff for the random-subspace keep reference
 
 
 class Scoreboard:
@@ -95,6 +102,7 @@ class Scoreboard:
                 "source": str(getattr(diff, "source", "")),
                 "touched_layers": self.targets(name).touched,
                 "keys": sorted(diff.w),
+                "causal": self._causal_summary(name),
             })
         return {
             "ws_harness_version": __version__,
@@ -169,7 +177,13 @@ class Scoreboard:
     def ceiling_context(self, diff_name: str) -> CeilingContext:
         diff = self.diff(diff_name)
         labels = self.session.labels(diff)
-        return CeilingContext(self.fit, labels["eval"], labels["fit"], self.deltas(diff))
+        return CeilingContext(self.fit, labels["eval"], labels["fit"], self.deltas(diff),
+                              causal=self.causal_matrices(diff_name, "write"))
+
+    def causal_matrices(self, diff_name: str, side: str) -> list[torch.Tensor | None]:
+        """The attribution matrices C_l of one diff (SPEC §4.1), per layer (None: untouched)."""
+        stored = self.session.attribution(self.diff(diff_name))
+        return [stored.get(f"{side}{l}") for l in range(self.session.arch.n_layers)]
 
     # ---- scores ------------------------------------------------------------------------
     def deltas(self, diff: Diff) -> dict[tuple[int, str], torch.Tensor]:
@@ -193,6 +207,8 @@ class Scoreboard:
                 self.session.labels(diff)["eval"], deltas, touched,
                 write_weights=[arch.layer(l).write for l in range(arch.n_layers)],
                 clean_pcs=[pca_basis(clean[l], k) for l in range(arch.n_layers)],
+                causal=self.causal_matrices(diff_name, "write"),
+                causal_read=self.causal_matrices(diff_name, "read"),
             )
         return self._targets[diff_name]
 
@@ -263,4 +279,108 @@ class Scoreboard:
                 "value": value, "z": z, "p": p, "p_adj": float(p_adj),
                 "holds": schema.holds(value, float(p_adj)),
             }
+        return out
+
+    # ---- measured retention (SPEC §4.1) ---------------------------------------------------
+    def _effects(self, kind: str, parts: dict[str, Any],
+                 variants: Callable[[], dict[str, dict]]) -> dict[str, list[float]]:
+        """Per-prompt steering effects of named write variants on EVAL prompts, cached as JSON."""
+        session = self.session
+
+        def build() -> dict[str, list[float]]:
+            with session.timed("retention"):
+                got = retention.steering_effects(session.model, session.arch,
+                                                 session.probes("eval"), session.answer_ids,
+                                                 variants())
+            return {name: [float(x) for x in v] for name, v in got.items()}
+
+        return session.cache.get_or_build_json(kind, parts, build,
+                                               producer=retention.steering_effects)
+
+    def write_reference(self, diff_name: str) -> dict[str, Any]:
+        """The diff's measured references: S(w), S(w_W) and keep of random subspaces at rank k.
+
+        {"full", "write": per-prompt effects; "random": one c_keep per Haar draw;
+         "s_w", "s_write", "write_share" = S(w_W)/S(w); "s_linear", "quadrature_error"}.
+        """
+        diff = self.diff(diff_name)
+        deltas = retention.write_part(self.deltas(diff))
+        targets = self.targets(diff_name)
+        ranks = [self.session.config.rank if l in targets.touched else 0
+                 for l in range(self.session.arch.n_layers)]
+
+        def variants() -> dict[str, dict]:
+            draws = retention.random_reference(deltas, ranks, REFERENCE_DRAWS, seed=0)
+            return {"write": deltas, **{f"random{j}": v for j, v in enumerate(draws)}}
+
+        effects = self._effects("retention_reference", self.session.cache_parts(
+            diff=diff.sha256, ranks=ranks, draws=REFERENCE_DRAWS), variants)
+        curve = self.session.steering(diff)
+        plus, minus = curve.per_prompt[curve.alphas.index(1.0)], curve.per_prompt[
+            curve.alphas.index(-1.0)]
+        full = [a - b for a, b in zip(plus, minus, strict=True)]
+        write = torch.tensor(effects["write"], dtype=torch.float64)
+        random = [float(torch.tensor(effects[f"random{j}"]).mean() / write.mean())
+                  for j in range(REFERENCE_DRAWS)]
+        attribution = self.session.attribution(diff)
+        s_w = float(torch.tensor(full, dtype=torch.float64).mean())
+        s_linear = float(attribution["s_linear"])
+        return {"full": full, "write": effects["write"], "random": random, "s_w": s_w,
+                "s_write": float(write.mean()), "write_share": float(write.mean()) / s_w,
+                "s_linear": s_linear, "s_measured": float(attribution["s_measured"]),
+                "quadrature_error": abs(s_linear - float(attribution["s_measured"]))}
+
+    def _causal_summary(self, diff_name: str) -> dict[str, Any]:
+        """Per-diff causal figures for inputs.json and the report (no per-prompt vectors)."""
+        if self.session.config.measure == "none":
+            attribution = self.session.attribution(self.diff(diff_name))
+            return {"s_linear": float(attribution["s_linear"]),
+                    "s_measured": float(attribution["s_measured"])}
+        ref = self.write_reference(diff_name)
+        return {k: v for k, v in ref.items() if k not in ("full", "write")} | {
+            "measured": self.measured_selection(diff_name)}
+
+    def measured_summaries(self) -> dict[tuple[str, str], dict[str, float]]:
+        """(hypothesis, diff) → measured retention columns, for this run's selection."""
+        jobs = [(n, d) for d in self.diff_names for n in self.measured_selection(d)]
+        return {job: self.measured(*job) for job in worker_order(sorted(jobs))}
+
+    def measured_selection(self, diff_name: str) -> list[str]:
+        """Which hypotheses get measured keep/drop retention on this diff (config `measure`)."""
+        mode = self.session.config.measure
+        if mode == "none":
+            return []
+        scored = {name: result["summary"] for (name, d), result in self.all_scores().items()
+                  if d == diff_name}
+        ceilings = [n for n in scored if self.hypotheses[n].is_ceiling
+                    and n in MEASURED_CEILINGS]
+        ranked = sorted((n for n, s in scored.items()
+                         if self.hypotheses[n].axis in ("write", "mixed")
+                         and not math.isnan(s.get("c_lin", math.nan))),
+                        key=lambda n: (-scored[n]["c_lin"], n))
+        return sorted(ceilings + (ranked if mode == "all" else ranked[:MEASURE_TOP]))
+
+    def measured(self, name: str, diff_name: str) -> dict[str, float]:
+        """Measured c_keep, c_drop (bootstrap CIs), norm-matched keep and the random percentile."""
+        hyp = self.hypotheses[name]
+        diff = self.diff(diff_name)
+        bases = self.bases(hyp, diff_name if hyp.is_ceiling else None)
+        deltas = retention.write_part(self.deltas(diff))
+        ref = self.write_reference(diff_name)
+
+        def variants() -> dict[str, dict]:
+            keep = retention.project_writes(deltas, bases, "keep")
+            return {"keep": keep, "drop": retention.project_writes(deltas, bases, "drop"),
+                    "keep_norm": retention.norm_matched(keep, deltas)}
+
+        parts = self._basis_parts(hyp, diff.sha256)
+        parts["diff"] = diff.sha256
+        effects = self._effects("retention", parts, variants)
+        write = torch.tensor(ref["write"], dtype=torch.float64)
+        out: dict[str, float] = {}
+        for col, key in (("c_keep", "keep"), ("c_drop", "drop")):
+            point, lo, hi = retention.retention_ratio(torch.tensor(effects[key]), write)
+            out.update({col: point, f"{col}_lo": lo, f"{col}_hi": hi})
+        out["c_keep_norm"] = float(torch.tensor(effects["keep_norm"]).mean() / write.mean())
+        out["keep_percentile"] = retention.percentile(out["c_keep"], ref["random"])
         return out

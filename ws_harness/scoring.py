@@ -34,7 +34,9 @@ class DiffTargets:
     w_combined: their balanced concatenation (None where the diff leaves a layer untouched).
     labels [L, n_eval, d]: h(α=+1) − h(α=−1). write_weights: the base [W_o | W_down] per layer
     (structured null); clean_pcs: the top-k clean FIT PCs per layer (specificity). The last two
-    come from the base model (A side), not the diff.
+    come from the base model (A side), not the diff. causal / causal_read: the symmetric d×d
+    attribution matrices C_l of SPEC §4.1 (residual writes; read deltas), None where untouched
+    (empty: not computed, the linear metrics are then NaN).
     """
 
     act: list[Target | None]
@@ -45,12 +47,25 @@ class DiffTargets:
     touched: list[int]
     write_weights: list[torch.Tensor] = field(default_factory=list)
     clean_pcs: list[torch.Tensor] = field(default_factory=list)
+    causal: list[torch.Tensor | None] = field(default_factory=list)
+    causal_read: list[torch.Tensor | None] = field(default_factory=list)
+    _eigen: dict[str, list[torch.Tensor | None]] = field(default_factory=dict, repr=False)
+
+    def eigenvalues(self, metric: str) -> list[torch.Tensor | None]:
+        """Eigenvalues of a linear metric's C_l per layer, computed once per diff (not per basis)."""
+        if metric not in self._eigen:
+            m = schema.metric(metric)
+            mats = [m.target(self, l) for l in range(self.labels.shape[0])]
+            self._eigen[metric] = [None if C is None else torch.linalg.eigvalsh(
+                (C.double() + C.double().T) / 2) for C in mats]
+        return self._eigen[metric]
 
     @classmethod
     def build(
         cls, labels: torch.Tensor, deltas: dict[tuple[int, str], torch.Tensor],
         touched: Sequence[int], write_weights: Sequence[torch.Tensor] = (),
-        clean_pcs: Sequence[torch.Tensor] = (),
+        clean_pcs: Sequence[torch.Tensor] = (), causal: Sequence[torch.Tensor | None] = (),
+        causal_read: Sequence[torch.Tensor | None] = (),
     ) -> DiffTargets:
         """Targets from labels [L, n, d] and the diff's {(layer, role): ΔW} (roles 'o', 'down')."""
         n_layers = labels.shape[0]
@@ -67,6 +82,8 @@ class DiffTargets:
             touched=sorted(touched),
             write_weights=list(write_weights),
             clean_pcs=list(clean_pcs),
+            causal=list(causal),
+            causal_read=list(causal_read),
         )
 
 
@@ -97,10 +114,12 @@ def score_bases(
         "n_layers": len(used),
     }
     for m in schema.metrics():
-        if m.kind == "derived":
+        if m.kind in ("derived", "measured"):
             continue
         applies = m.applies_to(axis)
-        if m.kind == "recovery":
+        if m.kind == "linear":
+            _linear(m, bases, targets, rows, summary, used if applies else [], kind)
+        elif m.kind == "recovery":
             per_layer: list[tuple[Score, Target | None]] = []
             for l, B in enumerate(bases):
                 target = m.target(targets, l)
@@ -121,6 +140,8 @@ def score_bases(
                 defined = applies and B is not None and l in touched
                 rows[l][m.name] = m.per_layer(B, targets, l) if defined else math.nan
             summary[m.name] = _mean_defined([rows[l][m.name] for l in used])
+    for m in schema.measured_metrics():  # filled in by the measured phase, where it ran
+        summary.update({c: math.nan for c in m.summary_columns()})
     ci = schema.CI_METRIC
     if used and ci in summary:
         lo, hi = bootstrap_mean_r_act_ci([bases[l] for l in used], [targets.labels[l] for l in used])
@@ -131,6 +152,35 @@ def score_bases(
         if m.kind == "derived":
             summary[m.name] = m.derive(summary) if m.applies_to(axis) else math.nan
     return {"rows": rows, "summary": summary}
+
+
+def _linear(m: schema.Metric, bases: Sequence[torch.Tensor | None], targets: DiffTargets,
+            rows: list[dict[str, Any]], summary: dict[str, Any], used: list[int],
+            kind: str) -> None:
+    """A linear (attribution) metric (SPEC §4.1): c and R per layer, and summed with its null.
+
+    Per layer, c_l = tr(B_lᵀC_lB_l)/tr C_l and R_l = c_l·d/k_l (its null mean is k_l/d); the
+    summary is Σ_l tr(B_lᵀC_lB_l)/Σ_l tr C_l with z and p from the exact null.
+    """
+    from ws_harness.attribution import linear_retention
+
+    for row in rows:
+        row.update({m.name: math.nan, m.fraction: math.nan})
+    layers = [l for l in used if m.target(targets, l) is not None]
+    values = (math.nan,) * 5
+    if layers:
+        # Untouched layers carry no C; a global basis's null shares one subspace across the rest.
+        eigen = targets.eigenvalues(m.name)
+        total = linear_retention([bases[l] if l in layers else None for l in range(len(bases))],
+                                 [m.target(targets, l) for l in range(len(bases))], kind,
+                                 eigenvalues=eigen)
+        if total.reason is None:
+            values = (total.r, total.c_lin, total.z, total.p, total.pct_oracle)
+        d = targets.labels.shape[-1]
+        for l in layers:
+            c_l = total.c_lin_layers[l]
+            rows[l].update({m.name: c_l * d / bases[l].shape[1], m.fraction: c_l})
+    summary.update(dict(zip(m.summary_columns(), values, strict=True)))
 
 
 def _summarize(m: schema.Metric, pairs: list[tuple[Score, Target | None]], kind: str) -> dict:

@@ -88,13 +88,14 @@ from syrupy.data import Snapshot, SnapshotCollection
 from syrupy.extensions.json import JSONSnapshotExtension
 
 from ws_harness import schema
-from ws_harness.ranking import aggregate, kendall_tau, kendall_taus, per_seed
+from ws_harness.ranking import TABLES, aggregate, kendall_tau, kendall_taus, per_seed
 from ws_harness.results import RunResults
 
 __all__ = [
     "FORMAT",
     "SPREAD_FACTOR",
     "TOLERANCE_FLOOR_LOG2",
+    "TOLERANCE_FLOOR_LINEAR",
     "TAU_MIN",
     "TAU_MIN_N",
     "UPDATE_COMMAND",
@@ -118,6 +119,9 @@ FORMAT = 1
 SNAPSHOT_DIRNAME = "snapshots"
 SPREAD_FACTOR = 2.0
 TOLERANCE_FLOOR_LOG2 = 0.15
+# Scores that can be ≤ 0 (schema scale "linear", e.g. R_causal) move in absolute units: the
+# floor is this much, or the log floor's relative allowance (×1.11) at the value if larger.
+TOLERANCE_FLOOR_LINEAR = 0.15
 TAU_MIN = 0.8
 TAU_MIN_N = 5
 UPDATE_COMMAND = "pytest hypotheses/ --ws-update-snapshots"
@@ -187,6 +191,37 @@ def _round_sig(x: float, digits: int = 2) -> float:
     return round(x, digits - 1 - math.floor(math.log10(abs(x))))
 
 
+def _is_log(score: str) -> bool:
+    try:
+        return schema.metric(score).scale == "log"
+    except ValueError:  # a score of a recorded snapshot that this schema no longer has
+        return True
+
+
+def _t(score: str, x: float) -> float:
+    """The scale the gate measures a score's moves on: log2 (ratios) or the value itself."""
+    return _log2(x) if _is_log(score) else float(x)
+
+
+def _floor(score: str, value: float | None = None) -> float:
+    if _is_log(score):
+        return TOLERANCE_FLOOR_LOG2
+    relative = (2.0 ** TOLERANCE_FLOOR_LOG2 - 1.0) * abs(value) if value is not None else 0.0
+    return max(TOLERANCE_FLOOR_LINEAR, relative)
+
+
+def _tol_key(score: str) -> str:
+    return f"{score}_tol_log2" if _is_log(score) else f"{score}_tol"
+
+
+def _round_for(score: str, value: float | None, tol: float) -> float | None:
+    if _is_log(score):
+        return _round_to_tol(value, tol)
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, 1 - math.floor(math.log10(tol))) + 0.0
+
+
 def _round_to_tol(value: float | None, tol_log2: float) -> float | None:
     """Round to ~2 significant digits of the allowed move at this value (1/10–1/100 of it)."""
     if value is None or not math.isfinite(value):
@@ -225,13 +260,15 @@ def build_record(results: RunResults) -> OrderedDict:
             values = _finite(rows[score])
             # joint is the geometric mean of R_act with the exact R_w: half R_act's CI.
             ci = {schema.CI_METRIC: ci_act, "joint": ci_act / 2}.get(score, 0.0)
-            tol = max(TOLERANCE_FLOOR_LOG2, SPREAD_FACTOR * _iqr([_log2(v) for v in values]), ci)
+            median = row[f"{score}_median"]
+            tol = max(_floor(score, median), SPREAD_FACTOR * _iqr([_t(score, v) for v in values]),
+                      ci)
             tol = _round_sig(tol)
             median = row[f"{score}_median"]
-            entry[score] = _round_to_tol(median, tol)
-            entry[f"{score}_range"] = ([_round_to_tol(min(values), tol),
-                                        _round_to_tol(max(values), tol)] if values else None)
-            entry[f"{score}_tol_log2"] = tol
+            entry[score] = _round_for(score, median, tol)
+            entry[f"{score}_range"] = ([_round_for(score, min(values), tol),
+                                        _round_for(score, max(values), tol)] if values else None)
+            entry[_tol_key(score)] = tol
         entry["n_seeds"] = row["n_seeds"]
         hypotheses[name] = entry
     seed_taus: OrderedDict = OrderedDict()
@@ -246,7 +283,8 @@ def build_record(results: RunResults) -> OrderedDict:
         ("format", FORMAT),
         ("configuration", _configuration(results.inputs)),
         ("rule", {"scores": list(schema.gate_scores()), "spread_factor": SPREAD_FACTOR,
-                  "tolerance_floor_log2": TOLERANCE_FLOOR_LOG2, "tau_min": TAU_MIN,
+                  "tolerance_floor_log2": TOLERANCE_FLOOR_LOG2,
+                  "tolerance_floor_linear": TOLERANCE_FLOOR_LINEAR, "tau_min": TAU_MIN,
                   "tau_min_n": TAU_MIN_N}),
         ("n_seeds", int(seeds["diff"].n_unique())),
         ("kendall_tau_seeds", seed_taus),
@@ -352,8 +390,8 @@ class Comparison:
 
 
 def _tol(old: dict[str, Any], new: dict[str, Any], score: str) -> float:
-    return max(old.get(f"{score}_tol_log2") or TOLERANCE_FLOOR_LOG2,
-               new.get(f"{score}_tol_log2") or TOLERANCE_FLOOR_LOG2)
+    key, floor = _tol_key(score), _floor(score)
+    return max(old.get(key) or floor, new.get(key) or floor)
 
 
 def compare(old: dict[str, Any], new: dict[str, Any], errors: dict[str, str] | None = None,
@@ -404,12 +442,13 @@ def compare(old: dict[str, Any], new: dict[str, Any], errors: dict[str, str] | N
                 add(name, f"{schema.label(score)} {_fmt(a)} → {_fmt(b)} (now {'un' if b is None else ''}"
                           "defined)")
                 continue
-            shift = _log2(b) - _log2(a)
+            shift = _t(score, b) - _t(score, a)
             if score == key:
                 moved[name] = abs(shift) / tol
             if abs(shift) > tol:
-                add(name, f"{schema.label(score)} {_fmt(a)} → {_fmt(b)} (×{2 ** shift:.3g}; seed spread "
-                          f"allows ×/÷{2 ** tol:.3g})")
+                how = (f"×{2 ** shift:.3g}; seed spread allows ×/÷{2 ** tol:.3g}" if _is_log(score)
+                       else f"{shift:+.3g}; seed spread allows ±{tol:.3g}")
+                add(name, f"{schema.label(score)} {_fmt(a)} → {_fmt(b)} ({how})")
     for name in new_h:
         if name not in old_h:
             result.notes.append(f"{name}: new, not in the snapshot (re-record to include it)")
@@ -429,7 +468,8 @@ def compare(old: dict[str, Any], new: dict[str, Any], errors: dict[str, str] | N
                 ra, rb = old_h[a].get(f"{key}_range"), old_h[b].get(f"{key}_range")
                 if not ra or not rb or ra[0] is None or rb[1] is None:
                     continue
-                resolved = _log2(ra[0]) - _log2(rb[1]) > TOLERANCE_FLOOR_LOG2
+                gap_floor = _floor(key, max(abs(ra[0]), abs(rb[1])))
+                resolved = _t(key, ra[0]) - _t(key, rb[1]) > gap_floor
                 if resolved and new_h[a][key] < new_h[b][key]:
                     if moved.get(a, 0) >= moved.get(b, 0):
                         flips.setdefault((a, "below"), []).append(b)
@@ -496,14 +536,17 @@ def check_ranking(results: RunResults, snapshot_dir: Path, *, update: bool = Fal
     recorded = read_snapshot(path) if path.is_file() else None
     if update:
         before = None
-        if recorded is not None and recorded.get("format") == FORMAT:
+        same_rule = recorded is not None and list(
+            (recorded.get("rule") or {}).get("scores") or []) == list(schema.gate_scores())
+        if recorded is not None and recorded.get("format") == FORMAT and same_rule:
             before = compare(recorded, record, results.errors, collected)
         changed = write_snapshot(path, record, lock_dir)
         if not changed:
             return GateOutcome("unchanged", path, f"ranking snapshot {shown} is up to date")
         detail = ("new" if recorded is None else
-                  "previous record matched within tolerance" if before is not None and before.ok
-                  else f"{len(before.regressions if before else {})} hypotheses had moved")
+                  "the previous record had another rule" if before is None else
+                  "previous record matched within tolerance" if before.ok
+                  else f"{len(before.regressions)} hypotheses had moved")
         return GateOutcome("recorded", path, f"recorded ranking snapshot {shown} ({detail}; "
                            f"{len(record['hypotheses'])} hypotheses, {record['n_seeds']} seeds)")
     if recorded is None:
@@ -518,6 +561,14 @@ def check_ranking(results: RunResults, snapshot_dir: Path, *, update: bool = Fal
         return GateOutcome("invalid", path, f"{shown} has snapshot format "
                            f"{recorded.get('format')!r}, this harness writes {FORMAT}; "
                            f"re-record with: {UPDATE_COMMAND}")
+    old_scores = list((recorded.get("rule") or {}).get("scores") or [])
+    if old_scores != list(schema.gate_scores()):
+        # A record made under another rule (e.g. before R_causal became the primary score)
+        # cannot vouch for this ranking: comparing only the shared scores would pass vacuously.
+        return GateOutcome("invalid", path, f"{shown} was recorded gating {old_scores}; this "
+                           f"harness gates {list(schema.gate_scores())} and ranks by "
+                           f"{[schema.rank_key(t) for t in TABLES[:2]]}; re-record with: "
+                           f"{UPDATE_COMMAND}")
     comparison = compare(recorded, record, results.errors, collected)
     taus = ", ".join(f"{t} τ={v:.2f}" for t, v in comparison.taus.items())
     if comparison.ok:

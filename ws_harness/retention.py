@@ -1,0 +1,383 @@
+"""Measured causal recovery (SPEC §4.1): steering effect of residual-write variants via forward hooks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ws_harness.arch import ROLES, WRITE_ROLES, Architecture
+from ws_harness.data import ProbeSet
+from ws_harness.nulls import haar_bases
+
+__all__ = [
+    "Key",
+    "Deltas",
+    "PROJECTION_MODES",
+    "write_part",
+    "project_writes",
+    "norm_matched",
+    "added_writes",
+    "steering_effects",
+    "retention_ratio",
+    "random_reference",
+    "percentile",
+]
+
+Key = tuple[int, str]  # (layer, role)
+Deltas = dict[Key, Tensor]  # nn.Linear layout [out, in]; o/down: [d_model, in]
+PROJECTION_MODES = ("keep", "drop")
+ORTHONORMAL_TOL = 1e-4  # ‖BᵀB − I‖_max, as the basis check of SPEC §6
+
+
+# ---- variants --------------------------------------------------------------------------------
+def _check_key(key: Any) -> Key:
+    if (
+        not isinstance(key, tuple) or len(key) != 2 or isinstance(key[0], bool)
+        or not isinstance(key[0], (int, np.integer)) or not isinstance(key[1], str)
+    ):
+        raise TypeError(f"delta key {key!r} is not a (layer: int, role: str) pair")
+    layer, role = int(key[0]), key[1]
+    if layer < 0:
+        raise ValueError(f"delta key {key!r}: layer {layer} is negative")
+    if role not in ROLES:
+        raise ValueError(f"delta key {key!r}: unknown role {role!r}; roles are {sorted(ROLES)}")
+    return layer, role
+
+
+def _check_delta(key: Key, delta: Any) -> Tensor:
+    if not isinstance(delta, Tensor):
+        raise TypeError(f"delta at layer {key[0]}, role {key[1]!r} is a {type(delta).__name__}, "
+                        "not a tensor")
+    if delta.ndim != 2 or not delta.is_floating_point():
+        raise ValueError(f"delta at layer {key[0]}, role {key[1]!r} must be a 2-D floating "
+                         f"[out, in] tensor, got shape {tuple(delta.shape)} dtype {delta.dtype}")
+    return delta
+
+
+def write_part(
+    deltas: Mapping[Key, Tensor] | Mapping[str, Tensor], arch: Architecture | None = None
+) -> Deltas:
+    """w_W of SPEC §4.1: only the residual-writing (o_proj, down_proj) entries of a diff.
+
+    Keys are (layer, role) pairs, or parameter names (a Diff's `.w`), which need `arch` to be
+    parsed; parameter names outside the seven roles (norms, embeddings) belong to w_R and are
+    left out like the read roles. The tensors are the caller's (not copied).
+    """
+    out: Deltas = {}
+    for raw_key, delta in deltas.items():
+        if isinstance(raw_key, str):
+            if arch is None:
+                raise TypeError(f"delta key {raw_key!r} is a parameter name; pass arch= to parse it "
+                                "(or key the deltas by (layer, role))")
+            parsed = arch.parse_param_name(raw_key)
+            if parsed is None:
+                continue
+            key = parsed
+        else:
+            key = _check_key(raw_key)
+        if key[1] in WRITE_ROLES:
+            if key in out:
+                raise ValueError(f"deltas name layer {key[0]}, role {key[1]!r} twice")
+            out[key] = _check_delta(key, delta)
+    return out
+
+
+def _basis_at(bases: Tensor | Sequence[Tensor | None], layer: int) -> Tensor | None:
+    if isinstance(bases, Tensor):  # one global basis for every layer
+        return bases
+    if layer >= len(bases):
+        raise ValueError(f"bases has {len(bases)} entries (one per layer) but the deltas touch "
+                         f"layer {layer}")
+    return bases[layer]
+
+
+def _check_basis(basis: Any, layer: int, d: int) -> Tensor:
+    if not isinstance(basis, Tensor):
+        raise TypeError(f"basis at layer {layer} is a {type(basis).__name__}, not a [d, k] tensor "
+                        "(or None)")
+    if basis.ndim != 2 or basis.shape[0] != d or not basis.is_floating_point():
+        raise ValueError(f"basis at layer {layer} has shape {tuple(basis.shape)} dtype {basis.dtype}; "
+                         f"expected a floating [d={d}, k] tensor (d = the delta's output size)")
+    b = basis.detach().to(torch.float64)
+    err = float((b.T @ b - torch.eye(b.shape[1], dtype=torch.float64)).abs().max()) if b.shape[1] else 0.0
+    if not err < ORTHONORMAL_TOL:
+        raise ValueError(f"basis at layer {layer} (shape {tuple(basis.shape)}) is not orthonormal: "
+                         f"‖BᵀB − I‖_max = {err:.3g} ≥ {ORTHONORMAL_TOL}")
+    return b
+
+
+def project_writes(
+    write_deltas: Mapping[Key, Tensor], bases: Tensor | Sequence[Tensor | None], mode: str
+) -> Deltas:
+    """keep_B(w) = {P_l ΔW} ("keep") or drop_B(w) = {(I − P_l) ΔW} ("drop"), P_l = B_l B_lᵀ.
+
+    `bases` is a list indexed by layer of orthonormal [d, k] tensors (or one tensor: a global
+    basis, the same at every layer); None at a layer means no basis there: "keep" keeps nothing
+    (the layer gets no entry, i.e. a zero delta), "drop" leaves ΔW unchanged. Only o/down
+    deltas (rows in d_model) can be projected on their output side. Computed in float64 and
+    returned in each delta's dtype; drop = ΔW − keep, so keep + drop = ΔW up to one rounding.
+    """
+    if mode not in PROJECTION_MODES:
+        raise ValueError(f"mode {mode!r} is not one of {PROJECTION_MODES}")
+    out: Deltas = {}
+    for raw_key, delta in write_deltas.items():
+        key = _check_key(raw_key)
+        layer, role = key
+        if role not in WRITE_ROLES:
+            raise ValueError(f"delta at layer {layer}, role {role!r} is not a residual write "
+                             f"({WRITE_ROLES}); use write_part first")
+        delta = _check_delta(key, delta)
+        basis = _basis_at(bases, layer)
+        if basis is None:
+            if mode == "drop":
+                out[key] = delta
+            continue
+        b = _check_basis(basis, layer, delta.shape[0])
+        d64 = delta.detach().to(device="cpu", dtype=torch.float64)
+        kept = b @ (b.T @ d64)
+        result = kept if mode == "keep" else d64 - kept
+        out[key] = result.to(device=delta.device, dtype=delta.dtype)
+    return out
+
+
+def _total_norm(deltas: Mapping[Key, Tensor]) -> float:
+    return math.sqrt(sum(float(t.detach().double().square().sum()) for t in deltas.values()))
+
+
+def norm_matched(variant: Mapping[Key, Tensor], reference: Mapping[Key, Tensor]) -> Deltas:
+    """The variant scaled so its total Frobenius norm (over all entries) equals the reference's:
+    does the direction, not the amount, carry it? (A keep_B variant is shorter than w_W; matching
+    the norm separates "B holds the right direction" from "B holds much of the length".)"""
+    norm_v, norm_r = _total_norm(variant), _total_norm(reference)
+    if not (math.isfinite(norm_v) and math.isfinite(norm_r)):
+        raise ValueError(f"norm_matched: norms must be finite (variant {norm_v}, reference {norm_r})")
+    if norm_v == 0.0:
+        raise ValueError("norm_matched: the variant is all-zero (or empty); it has no direction to scale")
+    scale = norm_r / norm_v
+    return {key: (delta.double() * scale).to(delta.dtype) for key, delta in variant.items()}
+
+
+# ---- hooks -----------------------------------------------------------------------------------
+@contextmanager
+def added_writes(
+    model: torch.nn.Module, arch: Architecture, chunks: Sequence[tuple[float, Mapping[Key, Tensor]]]
+) -> Iterator[torch.nn.Module]:
+    """Within the block, chunk j of every batch behaves as if its weights were θ + α_j·ΔW_j.
+
+    `chunks` = [(α_j, {(layer, role): ΔW_j})]; the model must then be called on a batch of
+    len(chunks) equal-size blocks of rows stacked along dim 0 (block j = chunk j). The forward
+    hook of each touched module adds α_j · x_j @ ΔW_jᵀ to block j of its output (x_j = the
+    module's input rows of block j), which is what the weight edit does, since W' x = W x + α ΔW x.
+    The residual writes (o_proj, down_proj) are the point, but any of the seven roles works. The
+    product is accumulated in float32 and cast to the output's dtype for the addition. Weights
+    are never touched; hooks are removed on exit, also when the body raises. A batch whose size
+    is not a multiple of len(chunks) raises ValueError from the forward.
+    """
+    if not isinstance(chunks, Sequence) or len(chunks) == 0:
+        raise ValueError("added_writes: chunks must be a non-empty list of (alpha, deltas) pairs")
+    n_chunks = len(chunks)
+    per_module: dict[str, list[tuple[int, float, Tensor]]] = {}
+    for j, chunk in enumerate(chunks):
+        if not isinstance(chunk, tuple) or len(chunk) != 2 or not isinstance(chunk[1], Mapping):
+            raise TypeError(f"added_writes: chunk {j} must be an (alpha, {{(layer, role): ΔW}}) pair, "
+                            f"got {type(chunk).__name__}")
+        alpha, deltas = chunk
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ValueError(f"added_writes: chunk {j} alpha must be a finite number, got {alpha!r}")
+        for raw_key, delta in deltas.items():
+            layer, role = _check_key(raw_key)
+            if layer >= arch.n_layers:
+                raise ValueError(f"added_writes: chunk {j} delta at layer {layer}, role {role!r}: the "
+                                 f"model has {arch.n_layers} layers")
+            delta = _check_delta((layer, role), delta)
+            name = arch.module_name(layer, role)
+            weight = arch.module(name).weight
+            if tuple(delta.shape) != tuple(weight.shape):
+                raise ValueError(f"added_writes: chunk {j} delta at layer {layer}, role {role!r} has "
+                                 f"shape {tuple(delta.shape)}, expected {tuple(weight.shape)} "
+                                 f"(the weight of {name})")
+            if float(alpha) == 0.0:
+                continue
+            dw = delta.detach().to(device=weight.device, dtype=torch.float32)
+            per_module.setdefault(name, []).append((j, float(alpha), dw))
+
+    def make_hook(name: str, entries: list[tuple[int, float, Tensor]]):
+        def hook(module: torch.nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            rows = output.shape[0]
+            if rows % n_chunks:
+                raise ValueError(f"added_writes: batch of {rows} rows at {name} is not divisible by "
+                                 f"len(chunks)={n_chunks}; stack len(chunks) equal copies of the prompts")
+            size = rows // n_chunks
+            x = inputs[0]
+            pieces = list(output.split(size, dim=0))
+            for j, alpha, dw in entries:
+                xj = x[j * size:(j + 1) * size].to(torch.float32)
+                add = torch.matmul(xj, dw.T).mul_(alpha)
+                pieces[j] = pieces[j] + add.to(output.dtype)
+            return torch.cat(pieces, dim=0)
+
+        return hook
+
+    handles = []
+    try:
+        for name, entries in per_module.items():
+            handles.append(arch.module(name).register_forward_hook(make_hook(name, entries)))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _repeat(batch: ProbeSet, times: int) -> dict[str, Tensor]:
+    return {
+        "input_ids": batch.input_ids.repeat(times, 1),
+        "attention_mask": batch.attention_mask.repeat(times, 1),
+        "position_ids": batch.position_ids.repeat(times, 1),
+    }
+
+
+def steering_effects(
+    model: torch.nn.Module,
+    arch: Architecture,
+    probes: ProbeSet,
+    answer_ids: tuple[int, int],
+    variants: Mapping[str, Mapping[Key, Tensor]],
+    *,
+    max_batch: int = 40,
+) -> dict[str, Tensor]:
+    """Per-prompt steering effect d_i(v) = m_i(θ + v) − m_i(θ − v) of each named variant (float64 [n]).
+
+    m_i = logit(pos) − logit(neg) at the last prompt token (as steering.answer_logit_diff), so
+    S(v) = mean_i d_i(v) (SPEC §4.1). The ±v pair, and as many variants as fit, run as chunks of
+    one forward of at most `max_batch` rows (prompt blocks of min(n, max_batch // 2) rows),
+    through `added_writes`: no weight is modified. Only last-token logits are computed.
+    """
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 2:
+        raise ValueError(f"max_batch must be an int >= 2 (one +v and one −v row), got {max_batch!r}")
+    if not isinstance(variants, Mapping):
+        raise TypeError(f"variants must be a {{name: deltas}} mapping, got {type(variants).__name__}")
+    n = len(probes)
+    if n == 0:
+        raise ValueError("steering_effects: the probe set is empty")
+    pos, neg = int(answer_ids[0]), int(answer_ids[1])
+    names = list(variants)
+    block = min(n, max_batch // 2)
+    per_forward = max(1, max_batch // (2 * block))
+    margins: dict[str, list[Tensor]] = {name: [] for name in names}
+    for start in range(0, n, block):
+        batch = probes.slice(start, start + block)
+        rows = len(batch)
+        for g in range(0, len(names), per_forward):
+            group = names[g:g + per_forward]
+            chunks = [(sign, variants[name]) for name in group for sign in (1.0, -1.0)]
+            inputs = _repeat(batch, len(chunks))
+            with torch.no_grad(), added_writes(model, arch, chunks):
+                logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
+            m = (logits[:, pos] - logits[:, neg]).to(device="cpu", dtype=torch.float64)
+            for i, name in enumerate(group):
+                plus = m[(2 * i) * rows:(2 * i + 1) * rows]
+                minus = m[(2 * i + 1) * rows:(2 * i + 2) * rows]
+                margins[name].append(plus - minus)
+    return {name: torch.cat(parts) for name, parts in margins.items()}
+
+
+# ---- statistics ------------------------------------------------------------------------------
+def _check_vector(t: Any, what: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        t = torch.as_tensor(t)
+    t = t.detach().to(device="cpu", dtype=torch.float64)
+    if t.ndim != 1 or t.numel() == 0:
+        raise ValueError(f"{what} must be a non-empty 1-D per-prompt vector, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} has non-finite values")
+    return t
+
+
+def retention_ratio(
+    effect: Tensor, reference: Tensor, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(mean(effect) / mean(reference), lo, hi): the point ratio and a paired percentile bootstrap CI.
+
+    Each replicate resamples prompt indices with replacement once (one torch.Generator seeded
+    with `seed`) and applies them to both vectors, so the pairing is kept. Replicates whose
+    reference mean is 0 give ±inf/nan; nan ones are ignored by the quantiles. Deterministic.
+    """
+    e, r = _check_vector(effect, "effect"), _check_vector(reference, "reference")
+    if e.shape != r.shape:
+        raise ValueError(f"effect {tuple(e.shape)} and reference {tuple(r.shape)} must be paired "
+                         "per prompt (same length)")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    mean_r = float(r.mean())
+    if mean_r == 0.0:
+        raise ValueError("retention_ratio: the reference effect has mean 0; the ratio is undefined")
+    point = float(e.mean()) / mean_r
+    g = torch.Generator().manual_seed(int(seed))
+    n = e.numel()
+    idx = torch.randint(n, (n_boot, n), generator=g)
+    ratios = e[idx].mean(dim=1) / r[idx].mean(dim=1)
+    qs = torch.tensor([(1.0 - level) / 2.0, (1.0 + level) / 2.0], dtype=torch.float64)
+    lo, hi = torch.nanquantile(ratios, qs).tolist()
+    return point, float(lo), float(hi)
+
+
+def _derived_seed(seed: int, draw: int, layer: int) -> int:
+    # SeedSequence mixes (seed, draw, layer) into an independent, platform-stable stream seed.
+    a, b = np.random.SeedSequence((seed, draw, layer)).generate_state(2, dtype=np.uint32)
+    return (int(a) << 31) ^ int(b)
+
+
+def random_reference(
+    write_deltas: Mapping[Key, Tensor], ranks: Sequence[int | None], n_draws: int, seed: int
+) -> list[Deltas]:
+    """n_draws keep_B(w) variants for Haar-random bases B_l at the per-layer ranks `ranks`.
+
+    `ranks[l]` is layer l's rank (0 or None: no basis, the layer keeps nothing). Draw j's basis
+    at layer l comes from its own generator, seeded from (seed, j, l) through numpy's
+    SeedSequence (no Python hash()), so it does not depend on which other layers are present.
+    """
+    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or n_draws < 0:
+        raise ValueError(f"n_draws must be an int >= 0, got {n_draws!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    dims: dict[int, int] = {}
+    for raw_key, delta in write_deltas.items():
+        layer, role = _check_key(raw_key)
+        dims.setdefault(layer, _check_delta((layer, role), delta).shape[0])
+    for layer in dims:
+        if layer >= len(ranks):
+            raise ValueError(f"ranks has {len(ranks)} entries (one per layer) but the deltas touch "
+                             f"layer {layer}")
+    for layer, k in enumerate(ranks):
+        if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
+            raise ValueError(f"rank at layer {layer} must be an int >= 0 or None, got {k!r}")
+        if k and layer in dims and k > dims[layer]:
+            raise ValueError(f"rank {k} at layer {layer} exceeds d={dims[layer]}")
+    out = []
+    for draw in range(n_draws):
+        bases: list[Tensor | None] = [None] * len(ranks)
+        for layer, d in dims.items():
+            k = ranks[layer]
+            if k:
+                g = torch.Generator().manual_seed(_derived_seed(int(seed), draw, layer))
+                bases[layer] = haar_bases(d, int(k), 1, g, dtype=torch.float64)[0]
+        out.append(project_writes(write_deltas, bases, "keep"))
+    return out
+
+
+def percentile(value: float, reference_values: Sequence[float] | Tensor) -> float:
+    """Fraction of reference values ≤ value. Ties count as ≤ (a value equal to every reference
+    scores 1.0), so an oracle at the top of its null has percentile 1."""
+    ref = _check_vector(reference_values, "reference_values")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError("percentile: value is nan")
+    return float((ref <= value).double().mean())
