@@ -8,6 +8,6 @@ from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import pca_basis
 
 
-@per_layer(family="act:attn-selected", axis="mixed")
+@per_layer(family="act:attn-selected", axis="mixed", refuted=["r_causal"])
 def basis(fit, layer):
     return pca_basis(attention_weighted_diffs(fit, layer, "min"), fit.k)

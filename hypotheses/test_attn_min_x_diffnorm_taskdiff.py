@@ -5,7 +5,7 @@ from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import pca_basis
 
 
-@per_layer(family="act:attn-selected", axis="mixed")
+@per_layer(family="act:attn-selected", axis="mixed", refuted=["r_causal"])
 def basis(fit, layer):
     rows = attention_weighted_diffs(fit, layer, "min", times_diffnorm=True)
     return pca_basis(rows, fit.k)

@@ -8,7 +8,7 @@ from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import union_basis
 
 
-@per_layer(family="W:write-not-read", axis="write", refuted=["r_w_combined"])
+@per_layer(family="W:write-not-read", axis="write", refuted=["r_causal", "r_w_combined"])
 def basis(fit, layer):
     read = union_basis(input_super(fit, layer, fit.K), kv_super(fit, layer, fit.K),
                        lm_head_read(fit, fit.K))

@@ -4,7 +4,7 @@ from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import pca_basis
 
 
-@per_layer(family="act:clean", axis="mixed", refuted=["r_w_combined"])
+@per_layer(family="act:clean", axis="mixed", refuted=["r_causal", "r_w_combined"])
 def basis(fit, layer):
     if layer + 1 >= fit.n_layers:
         return None

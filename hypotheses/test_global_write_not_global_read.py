@@ -9,7 +9,7 @@ from ws_harness.builders import all_layers_write_gram, global_read, gram_basis
 from ws_harness.hypothesis import global_basis
 
 
-@global_basis(family="W:write-not-read", axis="write", refuted=["r_w_combined"])
+@global_basis(family="W:write-not-read", axis="write", refuted=["r_causal", "r_w_combined"])
 def basis(fit):
     P = global_read(fit, fit.K).double()
     keep = torch.eye(fit.d, dtype=torch.float64) - P @ P.T

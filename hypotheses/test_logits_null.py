@@ -7,6 +7,6 @@ from ws_harness.hypothesis import global_basis
 from ws_harness.linalg import bottom_right_basis
 
 
-@global_basis(family="W:unembed", axis="read", refuted=["r_act"])
+@global_basis(family="W:unembed", axis="read", refuted={"r_act": None, "r_causal_read": [0]})
 def basis(fit):
     return bottom_right_basis(fit.unembedding, fit.k)

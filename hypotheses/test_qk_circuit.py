@@ -7,6 +7,6 @@ from ws_harness.builders import qk_circuit
 from ws_harness.hypothesis import per_layer
 
 
-@per_layer(family="W:QK", axis="mixed", refuted={"r_act": [1]})
+@per_layer(family="W:QK", axis="mixed", refuted={"r_act": [1], "r_causal": None})
 def basis(fit, layer):
     return qk_circuit(fit, layer, fit.k)

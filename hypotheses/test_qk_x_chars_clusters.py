@@ -8,7 +8,7 @@ from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import shared_directions
 
 
-@per_layer(family="compound", axis="mixed", refuted=["r_w_combined"])
+@per_layer(family="compound", axis="mixed", refuted=["r_causal", "r_w_combined"])
 def basis(fit, layer):
     shared, _cosines = shared_directions(qk_circuit(fit, layer, fit.k),
                                          chars_clusters(fit, layer, fit.k), min_cos=0.0)

@@ -7,6 +7,6 @@ from ws_harness.builders import procrustes_skew_basis
 from ws_harness.hypothesis import per_layer
 
 
-@per_layer(family="act:rotation", axis="mixed", refuted=["r_w_combined"])
+@per_layer(family="act:rotation", axis="mixed", refuted=["r_causal", "r_w_combined"])
 def basis(fit, layer):
     return procrustes_skew_basis(fit.negative.resid[layer], fit.positive.resid[layer], fit.k)

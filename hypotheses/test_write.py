@@ -6,6 +6,6 @@ from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import left_basis
 
 
-@per_layer(family="W:write", axis="write")
+@per_layer(family="W:write", axis="write", refuted=["r_causal"])
 def basis(fit, layer):
     return left_basis(fit.weights(layer).write, fit.k)

@@ -8,6 +8,6 @@ from ws_harness.builders import downstream_read, write_not
 from ws_harness.hypothesis import per_layer
 
 
-@per_layer(family="W:write-not-read", axis="write", refuted={"r_w_combined": [1, 2]})
+@per_layer(family="W:write-not-read", axis="write", refuted={"r_causal": None, "r_w_combined": [1, 2]})
 def basis(fit, layer):
     return write_not(fit, layer, downstream_read(fit, layer, fit.K), fit.k)

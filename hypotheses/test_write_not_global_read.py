@@ -6,6 +6,6 @@ from ws_harness.builders import global_read, write_not
 from ws_harness.hypothesis import per_layer
 
 
-@per_layer(family="W:write-not-read", axis="write", refuted={"r_w_combined": [1]})
+@per_layer(family="W:write-not-read", axis="write", refuted={"r_causal": None, "r_w_combined": [1, 2]})
 def basis(fit, layer):
     return write_not(fit, layer, global_read(fit, fit.K), fit.k)

@@ -6,6 +6,6 @@ from ws_harness.builders import lm_head_read, write_not
 from ws_harness.hypothesis import per_layer
 
 
-@per_layer(family="W:write-not-read", axis="write")
+@per_layer(family="W:write-not-read", axis="write", refuted=["r_causal"])
 def basis(fit, layer):
     return write_not(fit, layer, lm_head_read(fit, fit.K), fit.k)
