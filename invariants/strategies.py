@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from hypothesis import strategies as st
 
@@ -106,3 +107,19 @@ def build(case, make_samples=samples, make_weight=weight) -> tuple[sc.Target, to
 def target_for(kind, seed, d, size, spectrum, make_samples=samples, make_weight=weight) -> sc.Target:
     """The target of ``build`` from a case's fields."""
     return build((kind, seed, d, size, spectrum), make_samples, make_weight)[0]
+
+
+def count_below(e: np.ndarray, p_of, alpha: float) -> int:
+    """#{i: p_of(e_i) < alpha} by bisection over sorted e: ~12 p evaluations instead of n.
+
+    Exact because p is non-increasing in e (test_p_values_are_monotone_and_bounded).
+    """
+    e = np.sort(np.asarray(e))
+    lo, hi = 0, e.size  # first index whose p is below alpha
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if p_of(float(e[mid])) < alpha:
+            hi = mid
+        else:
+            lo = mid + 1
+    return int(e.size - lo)

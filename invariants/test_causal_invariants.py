@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
-from strategies import seeds
+from strategies import count_below, seeds
 
 from ws_harness import attribution as at
 from ws_harness import nulls as nu
@@ -55,19 +55,6 @@ def trace_draws(c: np.ndarray, k: int, n: int, seed: int) -> np.ndarray:
     """tr(QᵀCQ) for n bases from ws_harness.nulls.haar_bases (float64)."""
     Q = nu.haar_bases(c.shape[0], k, n, seed, dtype=torch.float64)
     return torch.einsum("ndk,de,nek->n", Q, torch.as_tensor(c), Q).numpy()
-
-
-def count_below(e: np.ndarray, p_of, alpha: float) -> int:
-    """#{i: p_of(e_i) < α} by bisection over sorted e (p is non-increasing in e)."""
-    e = np.sort(e)
-    lo, hi = 0, e.size
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if p_of(float(e[mid])) < alpha:
-            hi = mid
-        else:
-            lo = mid + 1
-    return int(e.size - lo)
 
 
 def null_draws(d: int, k: int, kind: str, scope: str, method: str = "beta"):

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
-from strategies import SPECTRA, seeds, target_for
+from strategies import SPECTRA, count_below, seeds, target_for
 from strategies import target_cases as _target_cases
 
 from ws_harness import nulls as nu
@@ -67,22 +67,6 @@ def test_exact_null_moments_match_monte_carlo(case, data, make_samples, make_wei
     assert np.array_equal(
         lib, nu.monte_carlo_null(t.factor, k, N_MC, generator=case[1] + 2).numpy()
     )
-
-
-def count_below(e: np.ndarray, p_of, alpha: float) -> int:
-    """#{i: p_of(e_i) < alpha} by bisection over sorted e: ~12 p evaluations instead of n.
-
-    Exact because p is non-increasing in e (test_p_values_are_monotone_and_bounded).
-    """
-    e = np.sort(e)
-    lo, hi = 0, e.size  # first index whose p is below alpha
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if p_of(float(e[mid])) < alpha:
-            hi = mid
-        else:
-            lo = mid + 1
-    return int(e.size - lo)
 
 
 def rejections(t: sc.Target, k: int, seed: int, method: str) -> tuple[int, int]:
