@@ -11,9 +11,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ws_harness import schema
 from ws_harness.arch import READ_ROLES, ROLES, WRITE_ROLES, Architecture
 from ws_harness.data import ProbeSet
 from ws_harness.diffs import Diff, validate_diff, weight_steer
+from ws_harness.linalg import top_eigenvectors
 from ws_harness.nulls import SIGNED_P_METHODS, null_moments, signed_layer_sum_p_value
 from ws_harness.steering import answer_logit_diff
 
@@ -38,7 +40,6 @@ SCOPES = ("per_layer", "global")
 # Σ tr C ≤ this × Σ_l ‖C_l‖_* (nuclear norm) counts as "no first-order steering": a ratio
 # over it would read rounding, so the scores are NaN with a reason instead.
 _TRACE_TOL = 1e-9
-_ORTHONORMAL_TOL = 1e-4
 
 
 def _diff_tensors(w: Mapping[str, Tensor] | Diff) -> Mapping[str, Tensor]:
@@ -253,8 +254,7 @@ def causal_oracle(Cs: Sequence[Tensor | None], k: int | Sequence[int]) -> list[T
             continue
         if not 1 <= kk <= c.shape[0]:
             raise ValueError(f"k must be in [1, d={c.shape[0]}], got {kk}")
-        _, vecs = torch.linalg.eigh(c.double())
-        out.append(vecs[:, -kk:].flip(1).contiguous())
+        out.append(top_eigenvectors(c.double(), kk))
     return out
 
 
@@ -309,7 +309,7 @@ def _check_basis(b: Tensor, d: int, layer: int) -> Tensor:
         )
     b = b.detach().double().cpu()
     err = float((b.T @ b - torch.eye(b.shape[1], dtype=torch.float64)).abs().max())
-    if err > _ORTHONORMAL_TOL:
+    if err > schema.BASIS_ORTHONORMAL_TOL:
         raise ValueError(
             f"layer {layer}: basis is not orthonormal (max |BᵀB − I| = {err:.3g}); "
             "orthonormalise it (QR) first"

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ws_harness import schema
 from ws_harness.arch import ROLES, WRITE_ROLES, Architecture
 from ws_harness.data import ProbeSet
 from ws_harness.nulls import haar_bases
@@ -32,7 +33,6 @@ __all__ = [
 Key = tuple[int, str]  # (layer, role)
 Deltas = dict[Key, Tensor]  # nn.Linear layout [out, in]; o/down: [d_model, in]
 PROJECTION_MODES = ("keep", "drop")
-ORTHONORMAL_TOL = 1e-4  # ‖BᵀB − I‖_max, as the basis check of SPEC §6
 
 
 # ---- variants --------------------------------------------------------------------------------
@@ -106,9 +106,9 @@ def _check_basis(basis: Any, layer: int, d: int) -> Tensor:
                          f"expected a floating [d={d}, k] tensor (d = the delta's output size)")
     b = basis.detach().to(torch.float64)
     err = float((b.T @ b - torch.eye(b.shape[1], dtype=torch.float64)).abs().max()) if b.shape[1] else 0.0
-    if not err < ORTHONORMAL_TOL:
+    if not err < schema.BASIS_ORTHONORMAL_TOL:
         raise ValueError(f"basis at layer {layer} (shape {tuple(basis.shape)}) is not orthonormal: "
-                         f"‖BᵀB − I‖_max = {err:.3g} ≥ {ORTHONORMAL_TOL}")
+                         f"‖BᵀB − I‖_max = {err:.3g} ≥ {schema.BASIS_ORTHONORMAL_TOL}")
     return b
 
 

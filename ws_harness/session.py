@@ -202,9 +202,10 @@ class HarnessSession:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
+                # S(w) itself is the steering check's ±1 contrast: no second measurement.
                 grads = attribution.path_gradients(
                     self.model, self.arch, self.probes("eval"), self.answer_ids, diff.w,
-                    n_nodes=ATTRIBUTION_NODES)
+                    n_nodes=ATTRIBUTION_NODES, measure=False)
             finally:
                 torch.set_num_threads(threads)
             out: dict[str, torch.Tensor] = {}
@@ -212,7 +213,7 @@ class HarnessSession:
                 Cs = attribution.causal_matrices(deltas, grads.grads, self.arch.n_layers, side)
                 out.update({f"{side}{l}": C.double() for l, C in enumerate(Cs) if C is not None})
             out["s_linear"] = torch.tensor(float(grads.s_linear), dtype=torch.float64)
-            out["s_measured"] = torch.tensor(float(grads.s_measured), dtype=torch.float64)
+            out["s_measured"] = torch.tensor(self.steering(diff).effect, dtype=torch.float64)
             out["n_nodes"] = torch.tensor(int(grads.n_nodes))
             return out
 
