@@ -7,6 +7,6 @@ from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import pca_basis
 
 
-@per_layer(family="act:persona", axis="mixed", refuted=["r_causal", "r_w_combined"])
+@per_layer(family="act:persona", axis="mixed", refuted=["r_causal", "r_w_combined", "r_w_struct"])
 def basis(fit, layer):
     return pca_basis(fit.taskdiff[layer], fit.k)

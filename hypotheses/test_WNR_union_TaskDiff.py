@@ -7,7 +7,7 @@ from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import pca_basis, union_basis
 
 
-@per_layer(family="compound", axis="mixed", rank_factor=2, refuted={"r_causal": None, "r_w_combined": [1, 2]})
+@per_layer(family="compound", axis="mixed", rank_factor=2, refuted={"r_causal": None, "r_w_combined": [1]})
 def basis(fit, layer):
     wnr = write_not(fit, layer, downstream_read(fit, layer, fit.K), fit.k)
     return union_basis(wnr, pca_basis(fit.taskdiff[layer], fit.k))

@@ -10,7 +10,7 @@ from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import pca_basis
 
 
-@per_layer(family="W:OV", axis="write", refuted=["r_causal", "r_w_combined"])
+@per_layer(family="W:OV", axis="write", refuted=["r_causal", "r_w_combined", "r_w_struct"])
 def basis(fit, layer):
     w = fit.weights(layer)
     value = (fit.expand_kv(w.v) @ fit.embedding(fit.first_token_id)).reshape(fit.n_heads, -1)

@@ -1,4 +1,7 @@
-"""attn_min_x_diffnorm_taskdiff: as attn_min_taskdiff, each row's weight also × its diff norm / the mean nonzero diff norm."""
+"""attn_min_x_diffnorm_taskdiff: as attn_min_taskdiff, with row weight √(min(a⁺, a⁻) · ‖Δh‖ / mean nonzero ‖Δh‖).
+
+The square root of the product, as in the original (so each row's covariance weight is
+min(a⁺, a⁻)·‖Δh‖/scale); a = last-token attention to that position, mean over heads."""
 
 from ws_harness.builders import attention_weighted_diffs
 from ws_harness.hypothesis import per_layer

@@ -7,7 +7,7 @@ from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import left_basis
 
 
-@per_layer(family="W:OV", axis="write", refuted=["r_causal", "r_w_combined"])
+@per_layer(family="W:OV", axis="write", refuted=["r_causal", "r_w_combined", "r_w_struct"])
 def basis(fit, layer):
     w = fit.weights(layer)
     return left_basis(w.o @ fit.expand_kv(w.v), fit.k)

@@ -1,12 +1,12 @@
-"""attn_qkv_read: top-k right singular vectors of [W_q; W_k; W_v] at each layer: what attention reads."""
+"""attn_qkv_read: top-k right singular vectors of [W_q; W_k; W_v]·diag(γ_attn) at each layer: what attention reads.
 
-import torch
+γ_attn is the gain of the RMSNorm in front of attention, folded in because q, k, v read the
+normed residual (the original used the raw matrices)."""
 
+from ws_harness.builders import read_basis
 from ws_harness.hypothesis import per_layer
-from ws_harness.linalg import right_basis
 
 
-@per_layer(family="W:read", axis="read", refuted={"r_act": [1]})
+@per_layer(family="W:read", axis="read")
 def basis(fit, layer):
-    w = fit.weights(layer)
-    return right_basis(torch.cat([w.q, w.k, w.v]), fit.k)
+    return read_basis(fit, layer, ("q", "k", "v"), fit.k)

@@ -8,6 +8,6 @@ from ws_harness.builders import chars_clusters
 from ws_harness.hypothesis import per_layer
 
 
-@per_layer(family="act:cluster", axis="mixed", refuted=["r_causal", "r_w_combined"])
+@per_layer(family="act:cluster", axis="mixed", refuted=["r_causal", "r_w_combined", "r_w_struct"])
 def basis(fit, layer):
     return chars_clusters(fit, layer, fit.k)

@@ -4,7 +4,7 @@ from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import pca_basis
 
 
-@per_layer(family="act:clean", axis="mixed", refuted=["r_causal", "r_w_combined"])
+@per_layer(family="act:clean", axis="mixed", refuted={"r_act_specific": [1], "r_causal": None, "r_w_combined": None, "r_w_struct": None})
 def basis(fit, layer):
     if layer + 1 >= fit.n_layers:
         return None

@@ -9,7 +9,7 @@ from ws_harness.hypothesis import per_layer
 from ws_harness.linalg import left_basis
 
 
-@per_layer(family="W:MLP", axis="write", refuted=["r_causal", "r_w_combined"])
+@per_layer(family="W:MLP", axis="write", refuted=["r_causal", "r_w_combined", "r_w_struct"])
 def basis(fit, layer):
     w = fit.weights(layer)
     gate = F.silu(fit.clean.up_in[layer] @ w.gate.T).mean(0)  # [d_ff]

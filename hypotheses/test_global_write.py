@@ -7,6 +7,6 @@ from ws_harness.builders import all_layers_write_gram, gram_basis
 from ws_harness.hypothesis import global_basis
 
 
-@global_basis(family="W:write", axis="write", refuted=["r_causal", "r_w_combined"])
+@global_basis(family="W:write", axis="write", refuted={"r_causal": None, "r_w_combined": None, "r_w_struct": [2]})
 def basis(fit):
     return gram_basis(all_layers_write_gram(fit), fit.k)

@@ -1,9 +1,11 @@
-"""mlp_gate_read: top-k right singular vectors of W_gate at each layer: what the MLP's gate reads."""
+"""mlp_gate_read: top-k right singular vectors of W_gate·diag(γ_mlp) at each layer: what the MLP's gate reads.
 
+γ_mlp is the gain of the RMSNorm in front of the MLP (folded in; the original used raw W_gate)."""
+
+from ws_harness.builders import read_basis
 from ws_harness.hypothesis import per_layer
-from ws_harness.linalg import right_basis
 
 
 @per_layer(family="W:read", axis="read")
 def basis(fit, layer):
-    return right_basis(fit.weights(layer).gate, fit.k)
+    return read_basis(fit, layer, ("gate",), fit.k)

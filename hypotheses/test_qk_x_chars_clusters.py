@@ -1,15 +1,19 @@
-"""qk_x_chars_clusters: the directions qk_circuit and chars_clusters share most, at each layer.
+"""qk_x_chars_clusters: the directions qk_circuit and chars_clusters share beyond chance, at each layer.
 
-The ⌈k/2⌉ most-aligned principal-vector pairs of the two bases, each represented by its
-bisector; the cosines of their principal angles are logged in the report."""
+Principal-vector pairs of the two bases (qk_circuit is γ-folded), each represented by its
+bisector, ordered by cosine; all pairs are kept (as the original) except those whose cosine
+is at chance level (below the 99th percentile of the largest principal cosine of two random
+subspaces of the same ranks). Per-layer columns: shared_cos_max and shared_cos_min, the
+largest and smallest kept cosine, and n_shared, how many pairs were kept."""
 
-from ws_harness.builders import chars_clusters, qk_circuit
+from ws_harness.builders import qk_chars_shared
 from ws_harness.hypothesis import per_layer
-from ws_harness.linalg import shared_directions
 
 
-@per_layer(family="compound", axis="mixed", refuted=["r_causal", "r_w_combined"])
+@per_layer(family="compound", axis="mixed", refuted=["r_causal", "r_w_combined", "r_w_struct"])
 def basis(fit, layer):
-    shared, _cosines = shared_directions(qk_circuit(fit, layer, fit.k),
-                                         chars_clusters(fit, layer, fit.k), min_cos=0.0)
-    return shared[:, : (fit.k + 1) // 2]
+    shared, cosines = qk_chars_shared(fit, layer, fit.k)
+    if not shared.shape[1]:
+        return None
+    return shared, {"shared_cos_max": cosines.max(), "shared_cos_min": cosines.min(),
+                    "n_shared": len(cosines)}

@@ -10,7 +10,7 @@ from ws_harness.hypothesis import global_basis
 from ws_harness.linalg import pca_basis
 
 
-@global_basis(family="act:clean", axis="mixed", refuted=["r_act", "r_causal", "r_w_combined"])
+@global_basis(family="act:clean", axis="mixed", refuted=["r_act", "r_act_specific", "r_causal", "r_w_combined", "r_w_struct"])
 def basis(fit):
     delta = abs_changes(fit)  # [L−1, n, d]
     both = torch.minimum(delta.clamp(min=0).sum(0), (-delta).clamp(min=0).sum(0))

@@ -10,7 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
-from strategies import SPECTRA, count_below, seeds, target_for
+from strategies import (
+    SPECTRA,
+    count_below,
+    label_like_spectrum,
+    mean_like_spectrum,
+    seeds,
+    target_for,
+    weight_like_spectrum,
+)
 from strategies import target_cases as _target_cases
 
 from ws_harness import nulls as nu
@@ -259,3 +267,85 @@ def test_layer_summary_saddlepoint_p_is_calibrated(case, n_layers, data, make_sa
         else:
             expected = nu.layer_mean_saddlepoint_p_value(summ.mean_r, spectra, [k] * n_layers, d)
         assert summ.p == expected and summ.p_method == "saddlepoint"
+
+
+# ---- calibration where BH uses it: d = 576, k = 8, the default run's spectrum shapes ---------
+# (issue 10, item 9; the full table with α = 1e-4 and 10⁵–10⁶ draws: benchmarks/calibration.md)
+
+D_REAL, K_REAL = 576, 8
+REAL_SHAPES = {
+    "label": label_like_spectrum(0.95),  # one dominant direction, fast tail (rank 20)
+    "weight": weight_like_spectrum(1.2),  # gentle power-law decay (rank 16)
+}
+
+
+def test_diagonal_null_energies_match_qr():
+    """The benchmark's fast sampler (rows along A's eigenvectors + Bartlett Wishart) draws the
+    same law as QR of a full Gaussian: KS against haar_energies and exact moments."""
+    d, k = 40, 5
+    lam = np.array([0.6, 0.2, 0.1, 0.06, 0.04])
+    U = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(3),
+                                    dtype=torch.float64))[0]
+    t = sc.Target((U[:, :5] * torch.tensor(lam).sqrt()).float())
+    fast = nu.diagonal_null_energies(lam, k, d, 200_000, 7)
+    slow = haar_energies(t, k, 20_000, 8)
+    assert stats.ks_2samp(fast[:20_000], slow).pvalue > 1e-3
+    mean, var = nu.null_moments(1.0, float(np.sum(lam**2)), k, d)
+    assert_moments_match(fast, mean, var, "diagonal_null_energies")
+
+
+def _real_size_rejections(lam: np.ndarray, n: int, seed: int, method: str) -> dict[float, int]:
+    e = nu.diagonal_null_energies(lam, K_REAL, D_REAL, n, seed)
+    mean, var = nu.null_moments(1.0, float(np.sum(lam**2)), K_REAL, D_REAL)
+    if method == "beta":
+        p_of = lambda x: nu.beta_p_value(x, mean, var)  # noqa: E731
+    else:
+        p_of = lambda x: nu.saddlepoint_p_value(x, lam, K_REAL, D_REAL)  # noqa: E731
+    return {a: count_below(e, p_of, a) for a in (1e-2, 1e-3)}
+
+
+@pytest.mark.parametrize("shape", sorted(REAL_SHAPES))
+def test_saddlepoint_p_is_calibrated_at_the_real_size(shape):
+    """Haar-random 8-dim subspaces of R^576 against the default run's spectrum shapes: the
+    claims' p (saddlepoint) rejects at α = 1e-2 and 1e-3 no more often than α allows
+    (binomial bound at level 1e-4; 10⁵ draws, ~2 s each). Measured: 0.92–0.97·α."""
+    n = 100_000
+    counts = _real_size_rejections(REAL_SHAPES[shape], n, 11, "saddlepoint")
+    for a, x in counts.items():
+        assert x <= stats.binom.ppf(1 - BINOM_LEVEL, n, a), f"{shape}: {x}/{n} below α={a}"
+        assert x >= stats.binom.ppf(BINOM_LEVEL, n, 0.7 * a), f"{shape}: {x}/{n}, too conservative"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding: the moment-matched Beta (SPEC §4) rejects 1.4× (α = 1e-2) and 2.4× "
+    "(α = 1e-3) too often for weight-diff spectra at d = 576, k = 8; claims use the saddlepoint",
+)
+def test_beta_p_is_calibrated_at_the_real_size_for_weight_spectra():
+    n = 100_000
+    counts = _real_size_rejections(REAL_SHAPES["weight"], n, 12, "beta")
+    assert all(x <= stats.binom.ppf(1 - BINOM_LEVEL, n, a) for a, x in counts.items()), counts
+
+
+def test_layer_mean_p_is_calibrated_at_the_real_size():
+    """Slower check (~15 s): layer means of 8 layers at d = 576, k = 8 — the per-layer null
+    (independent subspaces; ``layer_mean_saddlepoint_p_value``) and the global null (one
+    shared subspace: the single-subspace p on Ā's spectrum) — at α = 1e-2 and 1e-3."""
+    L, n = 8, 15_000
+    layers = [label_like_spectrum(top) for top in np.linspace(0.98, 0.86, L)]
+    weights = [weight_like_spectrum(ex) for ex in np.linspace(1.0, 1.4, L)]
+    for name, specs in (("label", layers), ("weight", weights)):
+        r = np.zeros(n)
+        for l, lam in enumerate(specs):
+            r += nu.diagonal_null_energies(lam, K_REAL, D_REAL, n, 100 + l) * (D_REAL / K_REAL) / L
+        p_of = lambda x: nu.layer_mean_saddlepoint_p_value(x, specs, [K_REAL] * L, D_REAL)  # noqa: E731,B023
+        for a in (1e-2, 1e-3):
+            x = count_below(r, p_of, a)
+            assert x <= stats.binom.ppf(1 - BINOM_LEVEL, n, a), f"per-layer {name}: {x}/{n} at {a}"
+    bar = mean_like_spectrum(weights, D_REAL, seed=4)
+    bar = bar[bar > 1e-10 * bar[0]]
+    bar = bar / bar.sum()
+    e = nu.diagonal_null_energies(bar, K_REAL, D_REAL, n, 200)
+    for a in (1e-2, 1e-3):
+        x = count_below(e, lambda v: nu.saddlepoint_p_value(v, bar, K_REAL, D_REAL), a)
+        assert x <= stats.binom.ppf(1 - BINOM_LEVEL, n, a), f"global weight Ā: {x}/{n} at {a}"

@@ -208,3 +208,26 @@ def test_precomputed_eigenvalues_give_the_same_scores(tiny_eval, steered):
         assert given.pct_oracle == pytest.approx(plain.pct_oracle, rel=1e-12)
     with pytest.raises(ValueError, match="do not sum to tr"):
         at.linear_retention(B, Cs, eigenvalues=[eig[1], eig[0], eig[2]])
+
+
+def test_read_side_c_folds_the_norm_gain_into_residual_coordinates() -> None:
+    """tr(Pᵀ C′ P) with gains = Σ_T ⟨ΔW_T·D·P·D⁻¹, Ḡ_T⟩: keeping what T reads from a residual
+    subspace B (D = diag γ); without gains it is the normed-coordinate form ⟨ΔW_T·P, Ḡ_T⟩."""
+    from ws_harness.attribution import causal_matrices
+
+    g = torch.Generator().manual_seed(3)
+    d, out = 12, 7
+    deltas = {(0, r): torch.randn(out, d, generator=g, dtype=torch.float64) for r in ("q", "up")}
+    grads = {key: torch.randn(out, d, generator=g, dtype=torch.float64) for key in deltas}
+    gains = {key: torch.rand(d, generator=g, dtype=torch.float64) * 3 + 0.05 for key in deltas}
+    B = torch.linalg.qr(torch.randn(d, 3, generator=g, dtype=torch.float64))[0]
+    P = B @ B.T
+    folded = causal_matrices(deltas, grads, 1, "read", read_gains=gains)[0]
+    plain = causal_matrices(deltas, grads, 1, "read")[0]
+    expect = sum(float((deltas[key] @ torch.diag(gains[key]) @ P @ torch.diag(1 / gains[key])
+                        * grads[key]).sum()) for key in deltas)
+    assert float(torch.trace(B.T @ folded @ B)) == pytest.approx(expect, rel=1e-10)
+    assert float(torch.trace(B.T @ plain @ B)) == pytest.approx(
+        sum(float((deltas[key] @ P * grads[key]).sum()) for key in deltas), rel=1e-10)
+    assert float(torch.trace(folded)) == pytest.approx(float(torch.trace(plain)), rel=1e-10)
+    assert not torch.allclose(folded, plain)

@@ -99,7 +99,8 @@ def test_bad_option_fails_at_startup(pytester: pytest.Pytester) -> None:
 
 
 def test_settings_table_is_the_one_source() -> None:
-    assert NAMES == ["model", "diff", "seeds", "rank", "out", "cache_dir", "behaviour", "measure"]
+    assert NAMES == ["model", "diff", "seeds", "rank", "out", "cache_dir", "behaviour", "adapter",
+                     "measure"]
     assert [f.name for f in fields(HarnessConfig) if f.name != "sources"] == NAMES
     defaults = HarnessConfig()
     for s in SETTINGS:
@@ -109,7 +110,7 @@ def test_settings_table_is_the_one_source() -> None:
         assert s.dest == "ws_" + s.name
     assert [s.shown_default for s in SETTINGS] == [
         "smollm2-135m-instruct", "build", "0,1,2", "8", "ws-out", ".ws-cache", "sycophancy",
-        "top",
+        "lora", "top",
     ]
 
 
@@ -138,6 +139,7 @@ def _layer_values(name: str, root: Path) -> tuple[str, str, str, tuple[Any, Any,
         "cache_dir": ('"c1"', "c2", "c3", (root / "c1", root / "c2", root / "c3")),
         "behaviour": ('"sycophancy"', str(root / "e.json"), str(root / "c.json"),
                       ("sycophancy", str(root / "e.json"), str(root / "c.json"))),
+        "adapter": ('"dora"', "ia3", "oft", ("dora", "ia3", "oft")),
         "measure": ('"all"', "none", "top", ("all", "none", "top")),
     }[name]
 
@@ -187,7 +189,7 @@ def test_pytest_options_come_from_settings(
         "def test_values(pytestconfig):\n"
         "    assert cli_values(pytestconfig) == {'model': None, 'diff': None, 'seeds': '4,5',\n"
         "        'rank': '3', 'out': None, 'cache_dir': 'c', 'behaviour': None,\n"
-        "        'measure': None}\n"
+        "        'adapter': None, 'measure': None}\n"
     )
     result = pytester.runpytest("--ws-rank", "3", "--ws-cache-dir", "c", "--ws-seeds=4,5")
     result.assert_outcomes(passed=1)

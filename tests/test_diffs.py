@@ -124,7 +124,7 @@ def test_bad_files_fail_before_use(tiny: HarnessSession, tmp_path: Path) -> None
     with pytest.raises(DiffValidationError, match=r"nan.pt: key 'model.layers.1.self_attn.o_proj"):
         load_diff(tmp_path / "nan.pt", tiny.arch)
     (tmp_path / "junk.pt").write_bytes(b"not a pickle")
-    with pytest.raises(DiffValidationError, match="cannot be read"):
+    with pytest.raises(DiffValidationError, match=r"junk\.pt: not a torch\.save file"):
         load_diff(tmp_path / "junk.pt", tiny.arch)
     with pytest.raises(FileNotFoundError):
         load_diff(tmp_path / "missing.pt", tiny.arch)
@@ -341,12 +341,82 @@ def test_session_builds_one_diff_per_seed_named_as_planned(private: HarnessSessi
     session = HarnessSession(replace(private.config, diff="build", seeds=(0,)))
     session.__dict__["loaded"] = private.loaded
     expected = session.build_diff(0, progress=False)  # the default recipe, cached
-    try:
-        diffs = session.diffs()
-    except DiffDoesNotSteerError as exc:  # a random model need not steer; then say which diff
-        assert "'seed0' does not steer" in str(exc)
-        assert not session.steering(expected).steers
-    else:
-        assert [d.name for d in diffs] == ["seed0"] and diffs[0].sha256 == expected.sha256
-        assert session.steering(diffs[0]).steers
+    # The default recipe's seed-0 diff steers the tiny model (deterministic single-threaded
+    # build), so session.diffs() must accept it: a DiffDoesNotSteerError here is a regression.
+    diffs = session.diffs()
+    assert [d.name for d in diffs] == ["seed0"] and diffs[0].sha256 == expected.sha256
+    assert session.steering(diffs[0]).steers
     assert len(session.cache.builds) >= 2  # the diff, then its steering curve: each built once
+
+
+# ---- bad files: one message of our own that names the file ------------------------------------
+def _safetensors_bytes(tiny: HarnessSession, tmp_path: Path) -> bytes:
+    w = {tiny.arch.param_name(1, "o"): torch.zeros(64, 64)}
+    return save_diff(w, tmp_path / "good.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (lambda good: b"", r"empty\.safetensors: the file is empty \(0 bytes\)"),
+    (lambda good: b"this is not a safetensors file at all",
+     r"empty\.safetensors: not a safetensors file \(its header"),
+    (lambda good: good[:-100], r"empty\.safetensors: truncated: its header declares 16384 bytes "
+     r"of tensor data, the file holds 16284"),
+    (lambda good: good[:8] + b"{" * (len(good) - 8), r"header is not valid JSON"),
+])
+def test_bad_safetensors_files_name_the_file(
+    tiny: HarnessSession, tmp_path: Path, content: Callable[[bytes], bytes], message: str
+) -> None:
+    path = tmp_path / "empty.safetensors"
+    path.write_bytes(content(_safetensors_bytes(tiny, tmp_path)))
+    with pytest.raises(DiffValidationError, match=message):
+        load_diff(path, tiny.arch)
+
+
+def test_bad_safetensors_metadata_is_named(tiny: HarnessSession, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "meta.safetensors"
+    save_file({tiny.arch.param_name(1, "o"): torch.zeros(64, 64)}, str(path),
+              metadata={"seed": "one"})
+    with pytest.raises(DiffValidationError, match=r"meta\.safetensors: header metadata 'seed' is "
+                       r"'one', not an integer"):
+        load_diff(path, tiny.arch)
+    save_file({tiny.arch.param_name(1, "o"): torch.zeros(64, 64)}, str(path),
+              metadata={"hparams": "{not json"})
+    with pytest.raises(DiffValidationError, match=r"meta\.safetensors: header metadata 'hparams'"):
+        load_diff(path, tiny.arch)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch, on plain.pt
+def test_refused_pickles_and_garbage_get_our_own_message(tiny: HarnessSession, tmp_path: Path) -> None:
+    import pickle
+
+    import numpy as np
+
+    key = tiny.arch.param_name(1, "o")
+    torch.save({key: np.zeros((64, 64), dtype=np.float32)}, tmp_path / "numpy.pt")
+    with open(tmp_path / "plain.pt", "wb") as fh:  # pickle.dump, not torch.save
+        pickle.dump({key: torch.zeros(64, 64)}, fh)
+    (tmp_path / "junk.pt").write_bytes(b"not a pickle")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({key: torch.zeros(64, 64)}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:400])
+    expected = {
+        "numpy.pt": r"numpy\.pt: holds a pickled numpy\._core\.multiarray\._reconstruct, which "
+                    r"ws-harness will not unpickle .*torch\.save\(\{name: tensor",
+        "plain.pt": r"plain\.pt: a Python pickle, not a torch\.save file; .*torch\.save",
+        "junk.pt": r"junk\.pt: not a torch\.save file \(it starts with b'not a pi'\)",
+        "empty.pt": r"empty\.pt: the file is empty \(0 bytes\)",
+        "cut.pt": r"cut\.pt: a damaged or truncated torch\.save file \(400 bytes\)",
+    }
+    for name, message in expected.items():
+        with pytest.raises(DiffValidationError, match=message) as info:
+            load_diff(tmp_path / name, tiny.arch)
+        assert "weights_only" not in str(info.value) and "\n" not in str(info.value), name
+
+
+def test_a_folder_is_not_a_diff_file(tiny: HarnessSession, tiny_diff_files: list[Path]) -> None:
+    folder = tiny_diff_files[0].parent
+    with pytest.raises(DiffValidationError, match=rf"{folder} is a folder, not a diff file; "
+                       r"load_diffs\(\) reads every diff in a folder \(it holds w0\.pt, w1\.pt\)"):
+        load_diff(folder, tiny.arch)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from ws_harness import cli
 from ws_harness.findings import finding_lines, refuted_claims, write_findings
 from ws_harness.results import RunResults
 
@@ -59,3 +60,41 @@ def test_write_findings_rewrites_only_the_refuted_keyword(
 def test_write_findings_names_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="hypothesis 'h': its file"):
         write_findings(_run(tmp_path / "gone.py", {}))
+
+
+# ---- the `ws-harness findings` command: 0 up to date, 1 stale, 2 no run to read ----------------
+def _write_run(out: Path, results: RunResults) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(results.to_json())
+    return out
+
+
+def test_findings_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "test_h.py"
+    path.write_text(SOURCE.format(refuted=', refuted=["r_act"]'))
+    up_to_date = _run(path, {"r_act": [0, 1, 2]})
+    for row in up_to_date.claims:
+        row["status"] = "refuted" if not row["holds"] else "held"
+    assert cli.main(["findings", str(_write_run(tmp_path / "a", up_to_date))]) == cli.EXIT_OK
+    assert capsys.readouterr().out == 'h: refuted=["r_act"]\n'
+    stale = _run(path, {})
+    for row in stale.claims:
+        row["status"] = "stale" if row["claim"] == "r_act" else "held"
+    assert cli.main(["findings", str(_write_run(tmp_path / "b", stale))]) == 1
+    assert "out of date: h: r_act on seed0 now holds" in capsys.readouterr().out
+
+
+def test_findings_without_a_run_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-run"
+    assert cli.main(["findings", str(missing)]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err == (f"error: {missing / 'results.json'} not found; run the sweep first (make "
+                   "sweep) or pass its --ws-out folder\n"), err
+    _write_run(tmp_path / "broken", RunResults())
+    (tmp_path / "broken" / "results.json").write_text('{"claims": [')
+    assert cli.main(["findings", str(tmp_path / "broken")]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'broken' / 'results.json'} is not a readable "
+                          "results file") and err.count("\n") == 1, err

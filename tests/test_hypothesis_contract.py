@@ -60,7 +60,7 @@ def write_project(
 
 # The ranking gate has its own tests (test_snapshot_gate.py); here it has no snapshot to meet.
 SWEEP = ("hypotheses", "-p", "no:cacheprovider", "-rA", "--deselect", "ws_ranking")
-ALL_REFUTED = ', refuted=["r_act", "r_causal", "r_w_combined"]'
+ALL_REFUTED = ', refuted=["r_act", "r_causal", "r_w_combined", "r_w_struct", "r_act_specific"]'
 
 
 def test_a_dropped_in_file_is_built_scored_claimed_and_ranked(
@@ -71,7 +71,7 @@ def test_a_dropped_in_file_is_built_scored_claimed_and_ranked(
                   my_write_refuted=ALL_REFUTED)
     result = pytester.runpytest_subprocess(*SWEEP)
     # W_o of a random model has nothing to do with the diff: its claims are recorded findings.
-    result.assert_outcomes(passed=2 + 6, xfailed=6)
+    result.assert_outcomes(passed=2 + 10, xfailed=10)
     result.stdout.fnmatch_lines_random([
         "PASSED hypotheses/test_my_write.py::my_write::basis",
         "PASSED hypotheses/test_answer_direction.py::answer_direction::r_w_combined[[]w1[]]",
@@ -106,7 +106,7 @@ def test_recorded_findings_fail_when_stale_or_missing(
     write_project(write_tiny_project, pytester, tiny.config.cache_dir, tiny_diff_files,
                   answer_refuted=', refuted={"r_act": ["w0", "w1"]}')
     result = pytester.runpytest_subprocess(*SWEEP)
-    result.assert_outcomes(passed=2 + 4, failed=6 + 2)
+    result.assert_outcomes(passed=2 + 8, failed=10 + 2)
     result.stdout.fnmatch_lines_random([
         "*answer_direction: recorded finding is stale: r_act now holds on w0*",
         "*my_write: claim r_act > 1 fails on w1: R = *record it: refuted=[[]'r_act'[]]*",
@@ -126,8 +126,8 @@ def test_broken_hypotheses_fail_alone_and_are_excluded(
             f'@per_layer(family="test", axis="mixed")\ndef basis(fit, layer):\n    {body}\n'
         )
     result = pytester.runpytest_subprocess(*SWEEP)
-    # each broken one: basis + 3 claims × 2 diffs fail; the good ones are unaffected
-    result.assert_outcomes(passed=8, xfailed=6, failed=5 * 7)
+    # each broken one: basis + 5 claims × 2 diffs fail; the good ones are unaffected
+    result.assert_outcomes(passed=12, xfailed=10, failed=5 * 11)
     result.stdout.fnmatch_lines_random([
         "*hypothesis 'raises': builder raised RuntimeError: no such weights*",
         "*hypothesis 'wrong_shape' layer 0*65*64*",

@@ -1,13 +1,15 @@
 """Model specs and the architecture view, on random presets (no download, no embedded weights)."""
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from ws_harness import models
 from ws_harness.arch import ROLES, Architecture
-from ws_harness.cache import DiskCache
-from ws_harness.models import ModelNotFoundError, load_model
+from ws_harness.cache import CacheWarning, DiskCache, write_manifest
+from ws_harness.models import ModelNotFoundError, load_model, load_tokenizer
 from ws_harness.session import HarnessSession
 
 
@@ -77,3 +79,66 @@ def test_untied_qwen3_preset_has_its_own_unembedding(tmp_path: Path) -> None:
     arch = Architecture(loaded.model)
     assert arch.head_dim == 32 and arch.n_layers == 4
     assert arch.unembedding.data_ptr() != arch.embedding.data_ptr()
+
+
+# ---- damaged model and tokenizer entries are removed and rebuilt, never trusted ---------------
+def _fresh_cache(tiny: HarnessSession, tmp_path: Path) -> DiskCache:
+    """A cache holding a copy of the shared cache's tokenizer entry (and the GGUF hash memo)."""
+    tiny.loaded  # noqa: B018 - make sure the shared cache holds the tokenizer
+    spec = "smollm2-135m-instruct"
+    sha = models._memo_sha256(models._embedded_gguf(spec), tiny.cache)
+    key = tiny.cache.key("tokenizer", {"spec": spec, "gguf_sha256": sha},
+                         models._save_gguf_tokenizer)
+    shutil.copytree(tiny.cache.root / "tokenizer" / key, tmp_path / "c" / "tokenizer" / key)
+    shutil.copytree(tiny.cache.root / "hashes", tmp_path / "c" / "hashes")
+    return DiskCache(tmp_path / "c")
+
+
+def _entries(cache: DiskCache, kind: str) -> list[Path]:
+    return [p for p in (cache.root / kind).iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+def test_a_tokenizer_entry_missing_tokenizer_json_is_rebuilt(
+    tiny: HarnessSession, tmp_path: Path
+) -> None:
+    cache = _fresh_cache(tiny, tmp_path)
+    (entry,) = _entries(cache, "tokenizer")
+    (entry / "tokenizer.json").unlink()
+    with pytest.warns(CacheWarning, match=rf"tokenizer/{entry.name}: tokenizer.json is missing; "
+                      "removed, rebuilding"):
+        tokenizer = load_tokenizer(cache)
+    assert (entry / "tokenizer.json").is_file() and cache.builds == [f"tokenizer/{entry.name}"]
+    assert tokenizer("Yes").input_ids == tiny.tokenizer("Yes").input_ids
+
+
+def test_a_tokenizer_that_does_not_load_is_rebuilt_even_when_its_manifest_agrees(
+    tiny: HarnessSession, tmp_path: Path
+) -> None:
+    # Damage the manifest cannot see (it was rewritten to match): loading is the last check.
+    cache = _fresh_cache(tiny, tmp_path)
+    (entry,) = _entries(cache, "tokenizer")
+    (entry / "tokenizer.json").write_text("{")
+    write_manifest(entry, "tokenizer")
+    with pytest.warns(CacheWarning, match=rf"tokenizer/{entry.name}: failed to load \("):
+        load_tokenizer(cache)
+    assert len(cache.builds) == 1
+
+
+def test_a_truncated_model_entry_is_rebuilt(
+    tiny: HarnessSession, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The GGUF conversion (~25 s) is replaced by saving the tiny model: the entry is what matters.
+    def convert(gguf: Path, out: Path) -> None:
+        tiny.model.save_pretrained(out, safe_serialization=True)
+        tiny.tokenizer.save_pretrained(out)
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    cache = _fresh_cache(tiny, tmp_path)
+    load_model("smollm2-135m-instruct", cache)
+    (entry,) = _entries(cache, "model")
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.warns(CacheWarning, match=rf"model/{entry.name}: model.safetensors has \d+ bytes, "
+                      r"expected \d+; removed, rebuilding"):
+        again = load_model("smollm2-135m-instruct", cache)
+    assert len(cache.builds) == 2 and again.model.config.hidden_size == 64

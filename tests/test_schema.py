@@ -22,14 +22,16 @@ WriteProject = Callable[[pytest.Pytester, Path, list[Path]], Path]  # conftest f
 
 
 def test_claims_per_axis_and_derived_lists_come_from_the_schema() -> None:
-    assert schema.claims_for("write") == ("r_causal", "r_act", "r_w_combined")
-    assert schema.claims_for("mixed") == ("r_causal", "r_act", "r_w_combined")
+    beyond = ("r_w_struct", "r_act_specific")  # SPEC §6 claim 4: beyond the isotropic null
+    assert schema.claims_for("write") == ("r_causal", "r_act", "r_w_combined", *beyond)
+    assert schema.claims_for("mixed") == ("r_causal", "r_act", "r_w_combined", *beyond)
     assert schema.claims_for("read") == ("r_causal_read", "r_act")
     assert schema.claims_for("ceiling") == ()
-    assert schema.gate_scores() == ("r_causal", "r_causal_read", "joint", "r_act", "r_w_combined")
+    assert schema.gate_scores() == ("r_causal", "r_causal_read", "joint", "r_act", "r_w_combined",
+                                    *beyond)
     assert schema.rank_key("write/mixed") == "r_causal"
     assert schema.rank_key("read") == "r_causal_read"
-    assert schema.rank_beside() == ("joint", "r_act", "r_w_combined")
+    assert schema.rank_beside() == ("joint", "r_act", "r_w_combined", "r_act_specific")
     cols = schema.per_layer_columns()
     assert cols[:5] == list(schema.ID_COLUMNS)
     for m in schema.recovery_metrics():
@@ -59,7 +61,7 @@ def test_bad_metric_entries_are_refused_with_the_reason() -> None:
         schema.Metric("r_x", "R_x", "recovery")
     with pytest.raises(ValueError, match="must start with 'r_'"):
         schema.Metric("x", "x", "recovery", target=lambda t, l: None)
-    with pytest.raises(ValueError, match="only metrics with a null make claims"):
+    with pytest.raises(ValueError, match="only metrics with a p-value make claims"):
         schema.Metric("x", "x", "derived", derive=lambda s: 0.0, claim_axes=("write",))
     with pytest.raises(ValueError, match="unknown axis kinds"):
         schema.Metric("r_x", "R_x", "recovery", target=lambda t, l: None, axes=("sideways",))

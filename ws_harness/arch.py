@@ -7,7 +7,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["ROLES", "WRITE_ROLES", "READ_ROLES", "Architecture", "LayerWeights", "expand_kv"]
+__all__ = [
+    "ROLES", "WRITE_ROLES", "READ_ROLES", "NORM_OF_ROLE", "Architecture", "LayerWeights",
+    "expand_kv",
+]
 
 # role -> module path inside decoder layer i (Llama/Qwen/Mistral/Gemma naming).
 ROLES: dict[str, str] = {
@@ -21,6 +24,15 @@ ROLES: dict[str, str] = {
 }
 WRITE_ROLES = ("o", "down")  # their rows live in d_model: they write to the residual stream
 READ_ROLES = ("q", "k", "v", "gate", "up")  # their columns live in d_model: they read from it
+# Which RMSNorm a read role reads through: attention's input norm or the MLP's.
+NORM_OF_ROLE: dict[str, str] = {"q": "attn", "k": "attn", "v": "attn", "gate": "mlp", "up": "mlp"}
+# Module path of the norm in front of attention / the MLP, in order of preference: Gemma 2/3
+# put a post-attention norm on attention's *output* and read the MLP through
+# pre_feedforward_layernorm; Llama/Qwen/Mistral read the MLP through post_attention_layernorm.
+NORM_MODULES: dict[str, tuple[str, ...]] = {
+    "attn": ("input_layernorm",),
+    "mlp": ("pre_feedforward_layernorm", "post_attention_layernorm"),
+}
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,9 @@ class LayerWeights:
     """One decoder layer's weights, as stored by nn.Linear: [out_features, in_features].
 
     q [H·hd, d], k/v [H_kv·hd, d], o [d, H·hd], gate/up [d_ff, d], down [d, d_ff].
+    attn_norm / mlp_norm [d]: the effective gains γ of the RMSNorm in front of attention and of
+    the MLP (Gemma's stored ``weight`` is γ − 1; Architecture resolves that), so q/k/v read
+    γ_attn ⊙ x/rms(x) and gate/up read γ_mlp ⊙ x/rms(x).
     """
 
     q: torch.Tensor
@@ -37,11 +52,24 @@ class LayerWeights:
     gate: torch.Tensor
     up: torch.Tensor
     down: torch.Tensor
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
 
     @property
     def write(self) -> torch.Tensor:
         """[W_o | W_down]: every direction this layer can add to the residual stream, [d, H·hd + d_ff]."""
         return torch.cat([self.o, self.down], dim=1)
+
+    def read(self, role: str) -> torch.Tensor:
+        """W·diag(γ) for a read role: the read matrix in residual coordinates (SPEC §5).
+
+        The matrix reads γ ⊙ x/rms(x), so the residual directions it is sensitive to are the
+        rows of W·diag(γ), not of W (rms(x) is a scalar per token and changes no direction).
+        """
+        if role not in NORM_OF_ROLE:
+            raise ValueError(f"role {role!r} does not read the residual; read roles are {READ_ROLES}")
+        gain = self.attn_norm if NORM_OF_ROLE[role] == "attn" else self.mlp_norm
+        return getattr(self, role) * gain.to(getattr(self, role).dtype)
 
 
 def expand_kv(w_kv: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
@@ -119,7 +147,50 @@ class Architecture:
         return self.module(self.module_name(layer, role)).weight
 
     def layer(self, layer: int) -> LayerWeights:
-        return LayerWeights(**{role: self.weight(layer, role).detach() for role in ROLES})
+        return LayerWeights(
+            **{role: self.weight(layer, role).detach() for role in ROLES},
+            attn_norm=self.norm_gain(layer, "attn"), mlp_norm=self.norm_gain(layer, "mlp"),
+        )
+
+    def norm_module_name(self, layer: int, which: str) -> str:
+        """The RMSNorm in front of attention (``which='attn'``) or the MLP (``'mlp'``) of a layer."""
+        if which not in NORM_MODULES:
+            raise ValueError(f"which must be one of {tuple(NORM_MODULES)}, got {which!r}")
+        for sub in NORM_MODULES[which]:
+            name = f"{self.layer_name(layer)}.{sub}"
+            if name in self._modules:
+                return name
+        raise ValueError(
+            f"layer {layer} has none of {[f'{self.layer_name(layer)}.{s}' for s in NORM_MODULES[which]]}; "
+            "ws-harness needs a pre-norm (Llama/Qwen/Mistral/Gemma) decoder to fold RMSNorm gains"
+        )
+
+    def _gain(self, module: torch.nn.Module) -> torch.Tensor:
+        """Effective elementwise gain γ of an RMSNorm module, float32 [d]."""
+        weight = getattr(module, "weight", None)
+        if weight is None:  # a norm without a learned gain
+            return torch.ones(self.d_model)
+        gain = weight.detach().float().clone()
+        # Gemma's RMSNorm multiplies by (1 + weight): its stored weight is γ − 1.
+        if type(module).__name__.startswith("Gemma"):
+            gain = gain + 1.0
+        if gain.shape != (self.d_model,):
+            raise ValueError(
+                f"norm {type(module).__name__} has gain shape {tuple(gain.shape)}, expected "
+                f"({self.d_model},)"
+            )
+        return gain
+
+    def norm_gain(self, layer: int, which: str) -> torch.Tensor:
+        """γ [d] of the RMSNorm that attention (``'attn'``) or the MLP (``'mlp'``) reads through."""
+        return self._gain(self.module(self.norm_module_name(layer, which)))
+
+    @property
+    def final_norm_gain(self) -> torch.Tensor:
+        """γ [d] of the final RMSNorm (``model.norm``), through which lm_head reads the residual."""
+        if "model.norm" not in self._modules:
+            raise ValueError("model has no final norm 'model.norm'; lm_head's read gain is unknown")
+        return self._gain(self._modules["model.norm"])
 
     @property
     def unembedding(self) -> torch.Tensor:

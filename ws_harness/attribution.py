@@ -11,11 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ws_harness import schema
 from ws_harness.arch import READ_ROLES, ROLES, WRITE_ROLES, Architecture
 from ws_harness.data import ProbeSet
 from ws_harness.diffs import Diff, validate_diff, weight_steer
-from ws_harness.linalg import top_eigenvectors
+from ws_harness.linalg import BASIS_ORTHONORMAL_TOL, top_eigenvectors
 from ws_harness.nulls import SIGNED_P_METHODS, null_moments, signed_layer_sum_p_value
 from ws_harness.steering import answer_logit_diff
 
@@ -201,16 +200,20 @@ def causal_matrices(
     grads: Mapping[Key, Tensor],
     n_layers: int,
     side: str = "write",
+    read_gains: Mapping[Key, Tensor] | None = None,
 ) -> list[Tensor | None]:
     """C_l per layer (float64 CPU, d×d, symmetric, indefinite), None where the layer has no delta.
 
     ``side="write"``: C_l = Σ_{T ∈ {o, down}} sym(ΔW_T Ḡ_Tᵀ), in the residual stream those
     tensors write to, so tr(P_l C_l) = Σ_T ⟨P_l ΔW_T, Ḡ_T⟩ is the first-order effect of
     keeping the part of the write deltas inside B_l. ``side="read"``: C_l =
-    Σ_{T ∈ {q, k, v, gate, up}} sym(ΔW_Tᵀ Ḡ_T), in the coordinates those matrices read: the
-    *RMSNorm-ed* residual (input_layernorm / post_attention_layernorm output). A basis is
-    used directly in those coordinates (tr(P C) = Σ_T ⟨ΔW_T P, Ḡ_T⟩); the norm's gain is not
-    folded in. sym(X) = (X + Xᵀ)/2; tr C_l = Σ_T ⟨ΔW_T, Ḡ_T⟩ either way.
+    Σ_{T ∈ {q, k, v, gate, up}} sym(D_T ΔW_Tᵀ Ḡ_T D_T⁻¹) in residual coordinates (SPEC §5:
+    read bases fold the RMSNorm gain). T reads x̂ = γ ⊙ x/rms(x); keeping what it reads from
+    the residual subspace B is ΔW_T·D·P_B·D⁻¹ on x̂ (D = diag(γ_T), `read_gains[(l, T)]`), so
+    the first-order effect is tr(P_B D⁻¹Ḡ_TᵀΔW_T D). Without `read_gains` D = I (the normed
+    coordinates). Ḡ_T's column j carries the factor γ_j, so dividing by it loses no precision;
+    a zero gain makes that coordinate unreadable and is refused. sym(X) = (X + Xᵀ)/2; tr C_l
+    = Σ_T ⟨ΔW_T, Ḡ_T⟩ either way.
     """
     if side not in SIDES:
         raise ValueError(f"side must be one of {tuple(SIDES)}, got {side!r}")
@@ -236,7 +239,17 @@ def causal_matrices(
                     f"(layer={layer}, role={role!r}): delta shape {tuple(delta.shape)} and "
                     f"gradient shape {tuple(grad.shape)} must be equal [out, in]"
                 )
-            m = delta @ grad.T if side == "write" else delta.T @ grad
+            if side == "write":
+                m = delta @ grad.T
+            else:
+                m = delta.T @ grad
+                gain = None if read_gains is None else read_gains.get((layer, role))
+                if gain is not None:
+                    gain = gain.double().cpu()
+                    if bool((gain == 0).any()):
+                        raise ValueError(f"(layer={layer}, role={role!r}): the norm gain has "
+                                         "zero entries; that coordinate reads nothing")
+                    m = gain[:, None] * m / gain[None, :]  # D (ΔWᵀḠ) D⁻¹
             c = m if c is None else c + m
         out.append(None if c is None else (c + c.T) / 2.0)
     return out
@@ -309,7 +322,7 @@ def _check_basis(b: Tensor, d: int, layer: int) -> Tensor:
         )
     b = b.detach().double().cpu()
     err = float((b.T @ b - torch.eye(b.shape[1], dtype=torch.float64)).abs().max())
-    if err > schema.BASIS_ORTHONORMAL_TOL:
+    if err > BASIS_ORTHONORMAL_TOL:
         raise ValueError(
             f"layer {layer}: basis is not orthonormal (max |BᵀB − I| = {err:.3g}); "
             "orthonormalise it (QR) first"

@@ -31,8 +31,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """argparse tree: `ws-harness diff {build,check}` and `ws-harness report [OUT]`."""
-    from ws_harness.lora import DEFAULT_RECIPE, RECIPES
+    """argparse tree: `ws-harness diff {build,check}`, `report [OUT]`, `findings [OUT]`, `merge OUT…`."""
+    from ws_harness.lora import DEFAULT_FAMILY, DEFAULT_RECIPE, FAMILIES, RECIPES
 
     parser = argparse.ArgumentParser(
         prog="ws-harness", description="Weight-steering hypothesis harness utilities."
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--steps", type=int, default=None, help="training steps per side")
     build.add_argument("--lr", type=float, default=None, help="learning rate")
     build.add_argument("--lora-rank", dest="lora_rank", type=int, default=None, help="LoRA rank r")
+    build.add_argument("--adapter", choices=FAMILIES, default=DEFAULT_FAMILY,
+                       help=f"adapter family, trained with PEFT's own config (default "
+                            f"{DEFAULT_FAMILY})")
     build.add_argument("--force", action="store_true",
                        help="write the file even if the diff fails the steering check (exit 1)")
     build.add_argument("--no-progress", dest="progress", action="store_false",
@@ -60,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = diff_commands.add_parser(
         "check", help="validate a diff file against the model and print its steering curve"
     )
-    check.add_argument("file", type=Path, help="a .pt or .safetensors diff")
+    check.add_argument("file", help="a .pt or .safetensors diff, or PEFT adapters: "
+                                    "'pos=DIR,neg=DIR' (';' between pairs) or a folder of pairs")
     _add_common(check)
 
     report = commands.add_parser(
@@ -75,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the run's output folder (default: the configured --ws-out)")
     findings.add_argument("--write", action="store_true",
                           help="rewrite each hypothesis file's refuted= to the run's findings")
+    from ws_harness.merge import add_merge_parser
+
+    add_merge_parser(commands)
     return parser
 
 
@@ -84,9 +91,22 @@ def _findings(args: argparse.Namespace) -> int:
     from ws_harness.results import read_tables
 
     out = args.out or resolve_config(Path.cwd(), {}).out
-    results = read_tables(out)
+    try:
+        results = read_tables(out)
+    except FileNotFoundError as exc:  # exit 1 means "stale": a missing run is a usage error
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"error: {Path(out) / 'results.json'} is not a readable results file "
+              f"({_one_line(exc)}); rerun the sweep to write it again", file=sys.stderr)
+        return EXIT_INVALID
     if args.write:
-        for path in write_findings(results):
+        try:
+            changed = write_findings(results)
+        except (FileNotFoundError, ValueError, SyntaxError) as exc:
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_INVALID
+        for path in changed:
             print(f"updated {path}")
         return 0
     for line in finding_lines(results):
@@ -95,6 +115,21 @@ def _findings(args: argparse.Namespace) -> int:
     for line in stale:
         print(f"out of date: {line}")
     return 1 if stale else 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _model_problem(session: HarnessSession) -> str | None:
+    """Load the session's model; what is wrong with it, so it is not blamed on the diff."""
+    from ws_harness.models import ModelNotFoundError
+
+    try:
+        session.arch  # noqa: B018 - loads the model and checks its architecture
+    except (ModelNotFoundError, OSError, ValueError) as exc:
+        return f"model {session.config.model!r}: {_one_line(exc)}"
+    return None
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -144,7 +179,12 @@ def _diff_build(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr,
                                    "rank": args.lora_rank}.items() if v is not None}
     session = _session(args)
-    diff = session.build_diff(args.seed, args.recipe, overrides or None, progress=args.progress)
+    problem = _model_problem(session)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    diff = session.build_diff(args.seed, args.recipe, overrides or None, progress=args.progress,
+                              family=args.adapter)
     failure = _show_and_check(session, diff)
     if failure is not None:
         if args.force:
@@ -174,13 +214,31 @@ def _show_and_check(session: HarnessSession, diff: Diff) -> Exception | None:
 
 
 def _diff_check(args: argparse.Namespace) -> int:
-    from ws_harness.diffs import load_diff
+    from ws_harness.adapters import is_adapter_spec
+    from ws_harness.diffs import DIFF_SUFFIXES, load_diff
 
+    if is_adapter_spec(args.file):
+        return _adapters_check(args)
+    args.file = Path(args.file)
+    # The file first (cheap), then the model, then the diff against it: each error its own.
+    if args.file.is_dir():
+        inside = sorted(p for p in args.file.iterdir() if p.suffix in DIFF_SUFFIXES)
+        hint = (f"check one file at a time, e.g. ws-harness diff check {inside[0]}" if inside
+                else "it holds no .pt or .safetensors diff")
+        print(f"error: {args.file} is a folder, not a diff file; {hint}", file=sys.stderr)
+        return EXIT_INVALID
+    if not args.file.is_file():
+        print(f"error: invalid diff: diff file {args.file} does not exist", file=sys.stderr)
+        return EXIT_INVALID
     session = _session(args)
+    problem = _model_problem(session)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_INVALID
     try:
         diff = load_diff(args.file, session.arch)
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: invalid diff: {exc}", file=sys.stderr)
+        print(f"error: invalid diff: {_one_line(exc)}", file=sys.stderr)
         return EXIT_INVALID
     failure = _show_and_check(session, diff)
     if failure is not None:
@@ -190,13 +248,49 @@ def _diff_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _adapters_check(args: argparse.Namespace) -> int:
+    """`diff check` of PEFT adapter pairs: merge each with PEFT, validate, show its curve."""
+    from ws_harness.adapters import AdapterError, load_adapter_diffs, parse_adapter_spec
+
+    try:
+        pairs = parse_adapter_spec(args.file)
+    except AdapterError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_INVALID
+    session = _session(args)
+    problem = _model_problem(session)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        diffs = load_adapter_diffs(pairs, session.model, session.arch, cache=session.cache,
+                                   model_key=session.model_key(), expected_base=session.config.model)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"error: invalid adapter: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_INVALID
+    failures = [f for f in (_show_and_check(session, d) for d in diffs) if f is not None]
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    if failures:
+        return EXIT_DOES_NOT_STEER
+    print(f"ok: {len(diffs)} adapter diff(s) valid for {session.config.model} and steer")
+    return EXIT_OK
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from ws_harness.merge import run_merge
+
+    return run_merge(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `ws-harness`; returns the exit code (0 ok, 1 does not steer, 2 invalid)."""
     from ws_harness.config import ConfigError
 
     args = build_parser().parse_args(argv)
     handlers = {("diff", "build"): _diff_build, ("diff", "check"): _diff_check,
-                ("report", None): _report, ("findings", None): _findings}
+                ("report", None): _report, ("findings", None): _findings,
+                ("merge", None): _merge}
     try:
         return handlers[(args.command, getattr(args, "diff_command", None))](args)
     except ConfigError as exc:

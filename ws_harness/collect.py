@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from ws_harness import schema
 from ws_harness.hypothesis import Hypothesis, HypothesisError
+from ws_harness.session import InputError
 from ws_harness.snapshot import RANKING_NODEID, RankingGateItem
 
 if TYPE_CHECKING:
@@ -22,6 +24,10 @@ __all__ = [
     "ClaimFailed",
     "pytest_pycollect_makeitem",
     "pytest_collection_modifyitems",
+    "check_inputs",
+    "check_ceiling",
+    "InputErrorItem",
+    "INPUTS_NODEID",
 ]
 
 
@@ -41,6 +47,7 @@ def pytest_pycollect_makeitem(
     return None
 
 
+
 @pytest.hookimpl(tryfirst=True)  # before -k/-m deselection, which may then drop the gate
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
@@ -52,6 +59,44 @@ def pytest_collection_modifyitems(
         gate = RankingGateItem.from_parent(session, name=RANKING_NODEID, nodeid=RANKING_NODEID)
         gate.add_marker("ws_hypothesis")
         items.append(gate)
+
+
+def check_inputs(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Preflight the run's inputs once; if one is unusable, one item reports it instead of all.
+
+    Every xdist worker reaches the same verdict (same inputs), so collections stay identical.
+    """
+    harness_items = [i for i in items if isinstance(i, (HarnessItem, RankingGateItem))]
+    if not harness_items:
+        return
+    try:
+        _run(config).harness.preflight()
+    except InputError as exc:
+        config.hook.pytest_deselected(items=harness_items)
+        items[:] = [i for i in items if i not in harness_items]
+        items.append(InputErrorItem.from_parent(session, name=INPUTS_NODEID, nodeid=INPUTS_NODEID,
+                                                message=str(exc)))
+
+
+INPUTS_NODEID = "ws_inputs"
+
+
+class InputErrorItem(pytest.Item):
+    """Stands in for every hypothesis item when an input is unusable: one failure, one message."""
+
+    def __init__(self, *, message: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.message = message
+
+    def runtest(self) -> None:
+        raise InputError(self.message)
+
+    def reportinfo(self) -> tuple[Any, int, str]:
+        return self.path, 0, INPUTS_NODEID
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        return (f"ws-harness cannot run the hypotheses: {self.message}\n"
+                "(no hypothesis item ran; fix this input and run again)")
 
 
 class HypothesisCollector(pytest.Collector):
@@ -121,15 +166,9 @@ class BasisItem(HarnessItem):
     """SPEC §6 claim 1: right shape, finite, orthonormal (schema.BASIS_ORTHONORMAL_TOL), rank ≥ 1."""
 
     def runtest(self) -> None:
-        bases = self.run.scoreboard.bases(self.hyp)
-        ranks = sorted({b.shape[1] for b in bases if b is not None})
-        k = self.run.harness.config.rank
-        limit = k * self.hyp.rank_factor
-        if ranks and ranks[-1] > limit:
-            raise HypothesisError(
-                f"hypothesis {self.hyp.name!r}: basis rank {ranks[-1]} exceeds {limit} "
-                f"(k={k} × rank_factor={self.hyp.rank_factor})"
-            )
+        # bases() validates shape, finiteness, orthonormality and the rank limit k·rank_factor,
+        # so a basis that fails here is also excluded from claims, BH and the ranking.
+        self.run.scoreboard.bases(self.hyp)
 
 
 def _fmt(result: dict[str, Any]) -> str:
@@ -155,6 +194,16 @@ class ClaimItem(HarnessItem):
                 f"({board.errors.get(self.hyp.name, 'unknown reason')})"
             )
         recorded = any(m.name == "xfail" for m in self.iter_markers())
+        if not all(math.isfinite(result[k]) for k in ("value", "p", "p_adj")):
+            if result.get("n_layers") == 0:
+                pytest.skip(f"{self.claim} is undefined on {self.diff_name}: no layer with a "
+                            "basis has a target, or the deltas there carry no steering at first "
+                            "order (not in the BH family)")
+            # A NaN is no finding: "not > 1" would otherwise pass as a recorded refutation.
+            raise ClaimFailed(
+                f"{self.hyp.name}: claim {self.claim} on {self.diff_name} has no number: "
+                f"{_fmt(result)}; a recorded or open claim needs a finite value and p-value"
+            )
         status = schema.classify(result["holds"], recorded)
         if status == "refuted":
             pytest.xfail(f"recorded finding holds: {self.claim} not > 1 on {self.diff_name}: "
@@ -179,17 +228,37 @@ class CeilingItem(HarnessItem):
         self.diff_name = diff_name
 
     def runtest(self) -> None:
-        summary = self.run.scoreboard.scores(self.hyp, self.diff_name)["summary"]
-        if self.hyp.oracle_of is None:
-            return
-        m = schema.metric(self.hyp.oracle_of)
-        pct, r, z = summary[m.pct_oracle], summary[m.name], summary[m.z]
-        if not pct > schema.ORACLE_PCT_MIN:
-            raise ClaimFailed(f"{self.hyp.name}: {m.pct_oracle} = {pct:.6f} on "
-                              f"{self.diff_name}, expected 1 (it is the rank-k optimum)")
-        if not (r > schema.ORACLE_MIN_R and z > schema.ORACLE_MIN_Z):
-            raise ClaimFailed(
-                f"{self.hyp.name}: {m.label} = {r:.2f} (z = {z:.1f}) on {self.diff_name}; an "
-                f"oracle must beat the null widely (R > {schema.ORACLE_MIN_R}, "
-                f"z > {schema.ORACLE_MIN_Z})"
-            )
+        check_ceiling(self.hyp, self.run.scoreboard.scores(self.hyp, self.diff_name)["summary"],
+                      self.diff_name)
+
+
+def check_ceiling(hyp: Hypothesis, summary: dict[str, Any], diff_name: str) -> None:
+    """What every ceiling must satisfy on one diff (raises ClaimFailed):
+
+    - no metric above its rank-k optimum (pct_oracle ≤ 1: Ky Fan; a ceiling beating an oracle
+      means the oracle or the ceiling is wrong), and some metric defined at all;
+    - an oracle (`oracle_of`) sits at pct_oracle = 1 of its metric and beats the null widely.
+    """
+    pcts = {m.name: summary.get(m.pct_oracle) for m in schema.metrics() if m.pct_oracle}
+    defined = {k: v for k, v in pcts.items() if v is not None and math.isfinite(v)}
+    if not defined:
+        raise ClaimFailed(f"{hyp.name}: no score is defined on {diff_name} (every pct_oracle "
+                          "is NaN): the ceiling measures nothing")
+    above = {k: v for k, v in defined.items() if v > 1 + (1 - schema.ORACLE_PCT_MIN)}
+    if above:
+        shown = ", ".join(f"{schema.label(k)} pct_oracle = {v:.6f}" for k, v in above.items())
+        raise ClaimFailed(f"{hyp.name}: beats the rank-k optimum on {diff_name} ({shown}); "
+                          "no basis of rank ≤ k can (Ky Fan): the oracle or this ceiling is wrong")
+    if hyp.oracle_of is None:
+        return
+    m = schema.metric(hyp.oracle_of)
+    pct, r, z = summary[m.pct_oracle], summary[m.name], summary[m.z]
+    if not pct > schema.ORACLE_PCT_MIN:
+        raise ClaimFailed(f"{hyp.name}: {m.pct_oracle} = {pct:.6f} on "
+                          f"{diff_name}, expected 1 (it is the rank-k optimum)")
+    if not (r > schema.ORACLE_MIN_R and z > schema.ORACLE_MIN_Z):
+        raise ClaimFailed(
+            f"{hyp.name}: {m.label} = {r:.2f} (z = {z:.1f}) on {diff_name}; an "
+            f"oracle must beat the null widely (R > {schema.ORACLE_MIN_R}, "
+            f"z > {schema.ORACLE_MIN_Z})"
+        )

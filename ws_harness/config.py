@@ -69,8 +69,16 @@ def parse_seeds(value: Any, source: str = "seeds") -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def parse_diff(value: Any, source: str = "diff", base: Path | None = None) -> tuple[Path, ...] | str:
-    """"build", or a comma-separated list of .pt/.safetensors files, or a directory of them."""
+def parse_diff(value: Any, source: str = "diff", base: Path | None = None) -> tuple[Any, ...] | str:
+    """"build"; a comma-separated list of .pt/.safetensors files, or a directory of them; or PEFT
+    adapter pairs (`pos=DIR,neg=DIR`, `;` between seeds, or a folder of such pairs)."""
+    from ws_harness.adapters import AdapterError, is_adapter_spec, parse_adapter_spec
+
+    if isinstance(value, (str, Path, list, tuple)) and is_adapter_spec(value, base):
+        try:
+            return parse_adapter_spec(value, base)
+        except AdapterError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     if isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
     if not isinstance(value, str) or not value.strip():
@@ -180,6 +188,16 @@ def _parse_behaviour(value: Any, source: str, rootdir: Path) -> str:
 MEASURE_MODES = ("top", "all", "none")
 
 
+ADAPTER_FAMILIES = ("lora", "dora", "pissa", "oft", "ia3")  # lora.FAMILIES (torch-free here)
+
+
+def _parse_adapter(value: Any, source: str, rootdir: Path) -> str:
+    if not isinstance(value, str) or value.strip() not in ADAPTER_FAMILIES:
+        raise ConfigError(f"{source}: adapter family must be one of {', '.join(ADAPTER_FAMILIES)}"
+                          f" (PEFT's config for built diffs), got {value!r}")
+    return value.strip()
+
+
 def _parse_measure(value: Any, source: str, rootdir: Path) -> str:
     if not isinstance(value, str) or value.strip() not in MEASURE_MODES:
         raise ConfigError(
@@ -228,16 +246,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model", "WS_MODEL", "smollm2-135m-instruct", _parse_model,
             "model spec: smollm2-135m-instruct, random:<preset>, a local dir or a cached HF id"),
     Setting("diff", "WS_DIFF", "build", _parse_diff,
-            "'build' (train one diff per seed) or .pt/.safetensors files, comma-separated, or a dir"),
+            "'build' (train one diff per seed); .pt/.safetensors files, comma-separated, or a dir; "
+            "or PEFT adapter pairs pos=DIR,neg=DIR (';' between seeds) or a folder of pairs"),
     Setting("seeds", "WS_SEEDS", (0, 1, 2), _parse_seeds,
             "comma-separated diff seeds to build, e.g. 0,1,2"),
-    Setting("rank", "WS_RANK", 8, _parse_rank, "basis rank k of every hypothesis"),
+    Setting("rank", "WS_RANK", 8, _parse_rank,
+            "basis rank k of every hypothesis (at most d_model/4, to leave room for the null)"),
     Setting("out", "WS_OUT", Path("ws-out"), _parse_dir,
             "output folder for tables, plots and the conclusion"),
     Setting("cache_dir", "WS_CACHE_DIR", Path(".ws-cache"), _parse_dir,
             "on-disk cache for converted models, diffs and captures"),
     Setting("behaviour", "WS_BEHAVIOUR", "sycophancy", _parse_behaviour,
             "behaviour data: a shipped name (sycophancy) or a .json path"),
+    Setting("adapter", "WS_ADAPTER", "lora", _parse_adapter,
+            "adapter family of built diffs (PEFT config): lora, dora, pissa, oft or ia3"),
     Setting("measure", "WS_MEASURE", "top", _parse_measure,
             "measured keep/drop retention for: top (causal_oracle, block_oracle, w_oracle and "
             "the 3 best write/mixed hypotheses by c_lin, per diff), all (every write/mixed "
@@ -256,12 +278,13 @@ class HarnessConfig:
     """What a run uses. `diff` is "build" (the harness trains one diff per seed) or diff files."""
 
     model: str = _default("model")
-    diff: tuple[Path, ...] | str = _default("diff")
+    diff: tuple[Any, ...] | str = _default("diff")  # Paths, AdapterPairs, or "build"
     seeds: tuple[int, ...] = _default("seeds")
     rank: int = _default("rank")
     out: Path = _default("out")
     cache_dir: Path = _default("cache_dir")
     behaviour: str = _default("behaviour")
+    adapter: str = _default("adapter")
     measure: str = _default("measure")
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -269,10 +292,19 @@ class HarnessConfig:
     def builds_diffs(self) -> bool:
         return self.diff == "build"
 
+    @property
+    def adapter_diffs(self) -> bool:
+        """Whether the diffs are PEFT adapter pairs (adapters.AdapterPair; duck-typed: no torch)."""
+        return not self.builds_diffs and bool(self.diff) and hasattr(self.diff[0], "sides")
+
     def diff_plan(self) -> list[tuple[str, int | None]]:
-        """(name, seed) per diff of the run: ('seed0', 0)… when building, (file stem, None) when loading."""
+        """(name, seed) per diff of the run: ('seed0', 0)… when building ('dora-seed0' for
+        another adapter family), the pair's name for adapters, (file stem, None) for files."""
         if self.builds_diffs:
-            return [(f"seed{s}", s) for s in self.seeds]
+            prefix = "seed" if self.adapter == "lora" else f"{self.adapter}-seed"
+            return [(f"{prefix}{s}", s) for s in self.seeds]
+        if self.adapter_diffs:
+            return [(pair.name, pair.seed) for pair in self.diff]  # type: ignore[union-attr]
         names = [p.stem for p in self.diff]  # type: ignore[union-attr]
         # Two files with one stem (a.pt, a.safetensors) must still get distinct names.
         return [(n if names.count(n) == 1 else p.name, None) for n, p in zip(names, self.diff)]
@@ -329,6 +361,30 @@ def resolve_config(
         values[name] = setting.parse(value, source, rootdir)
         sources[name] = source
     return HarnessConfig(**values, sources=sources)
+
+
+def check_writable_dir(path: Path, setting: str, source: str) -> None:
+    """Refuse at startup a folder the run could not write (a file, or no permission)."""
+    option = _BY_NAME[setting].option
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{source}: {option} {path} is a file, not a folder; pass a folder path")
+    probe = path / f".ws-write-check-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"{source}: {option} {path} is not writable ({exc.strerror or exc}); pass a folder "
+            "you can write to"
+        ) from None
+
+
+def check_paths(config: HarnessConfig) -> None:
+    """The output and cache folders of a run can be written (checked before any work)."""
+    for setting in ("out", "cache_dir"):
+        source = config.sources.get(setting, f"default {setting}")
+        check_writable_dir(getattr(config, setting), setting, source)
 
 
 def add_pytest_options(group: pytest.OptionGroup) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ws_harness.cache import safetensors_problem
 
 __all__ = [
     "DIFF_SUFFIXES",
@@ -168,45 +172,112 @@ def diff_sha256(w: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _pt_problem(path: Path, exc: Exception) -> str:
+    """Our one-line account of why torch.load(weights_only=True) refused a .pt file."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    text = str(exc)
+    save_hint = "save the diff as torch.save({name: tensor, ...}, path) or as .safetensors"
+    if head.startswith(b"PK"):  # torch.save's zip container
+        refused = re.search(r"GLOBAL ([\w.]+) was not an allowed global", text)
+        if refused:
+            return (f"{path}: holds a pickled {refused[1]}, which ws-harness will not unpickle "
+                    f"(loading a diff must not run code); a .pt diff holds only tensors: "
+                    f"torch.save({{name: tensor, ...}}, path), converting arrays with "
+                    f"torch.from_numpy")
+        if isinstance(exc, pickle.UnpicklingError):
+            detail = re.search(r"WeightsUnpickler error: (.*?)(?:\n\n|$)", text, re.S)
+            what = " ".join((detail[1] if detail else type(exc).__name__).split())
+            return (f"{path}: holds pickled objects other than tensors ({what}), which ws-harness "
+                    f"will not unpickle; {save_hint}")
+        return f"{path}: a damaged or truncated torch.save file ({size} bytes); save or copy it again"
+    if head[:1] == b"\x80":  # a pickle protocol marker without the zip container
+        return (f"{path}: a Python pickle, not a torch.save file; ws-harness does not unpickle "
+                f"arbitrary pickles (they can run code): {save_hint}")
+    return f"{path}: not a torch.save file (it starts with {head!r}); {save_hint}"
+
+
 def _read_file(path: Path) -> tuple[Any, dict[str, str]]:
+    if path.stat().st_size == 0:
+        raise DiffValidationError(f"{path}: the file is empty (0 bytes); write the diff again")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            return {k: fh.get_tensor(k) for k in fh.keys()}, metadata
+        # Checked first: safetensors' own errors ("header too large") do not name the file.
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise DiffValidationError(f"{path}: {problem}")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = dict(fh.metadata() or {})
+                return {k: fh.get_tensor(k) for k in fh.keys()}, metadata
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and friends
+            message = " ".join(str(exc).split())
+            raise DiffValidationError(
+                f"{path}: cannot be read as a safetensors file ({type(exc).__name__}: {message})"
+            ) from None
     if path.suffix == ".pt":
         # weights_only: a diff is plain tensors; refusing pickled code keeps loading safe.
         try:
             return torch.load(str(path), map_location="cpu", weights_only=True), {}
         except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
-            raise DiffValidationError(
-                f"{path}: cannot be read as a torch.save'd dict of tensors ({exc})"
-            ) from None
+            raise DiffValidationError(_pt_problem(path, exc)) from None
     raise DiffValidationError(
         f"{path}: unsupported suffix {path.suffix!r}; a diff is a torch.save'd dict (.pt) "
         "or a .safetensors file"
     )
 
 
+def _metadata(path: Path, metadata: dict[str, str]) -> tuple[int | None, dict[str, Any]]:
+    """The seed and hparams that save_diff writes into a .safetensors header, checked."""
+    seed: int | None = None
+    raw_seed = metadata.get("seed")
+    if raw_seed not in (None, "", "None"):
+        try:
+            seed = int(raw_seed)
+        except ValueError:
+            raise DiffValidationError(
+                f"{path}: header metadata 'seed' is {raw_seed!r}, not an integer; rewrite it "
+                "with save_diff or drop the key"
+            ) from None
+    raw_hparams = metadata.get("hparams", "") or "{}"
+    try:
+        hparams = json.loads(raw_hparams)
+        if not isinstance(hparams, dict):
+            raise ValueError(f"a JSON {type(hparams).__name__}")
+    except ValueError as exc:
+        raise DiffValidationError(
+            f"{path}: header metadata 'hparams' is not a JSON object ({exc}); rewrite it with "
+            "save_diff or drop the key"
+        ) from None
+    return seed, hparams
+
+
 def load_diff(
     path: str | Path, target: Any, *, name: str | None = None, seed: int | None = None
 ) -> Diff:
     """Read a `.pt` ({name: tensor}, as the original research's w.pt) or `.safetensors` diff and
-    validate it against `target` (Architecture, model or shapes) before anything can use it."""
+    validate it against `target` (Architecture, model or shapes) before anything can use it.
+    Every failure is a DiffValidationError or TypeError whose one-line message names the file."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in DIFF_SUFFIXES)
+        holds = f"it holds {', '.join(inside)}" if inside else "it holds no .pt or .safetensors file"
+        raise DiffValidationError(
+            f"{path} is a folder, not a diff file; load_diffs() reads every diff in a folder "
+            f"({holds})"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"diff file {path} does not exist")
     raw, metadata = _read_file(path)
     w = validate_diff(raw, target, source=str(path))
-    meta_seed = metadata.get("seed")
-    if seed is None and meta_seed not in (None, "", "None"):
-        seed = int(meta_seed)
+    meta_seed, hparams = _metadata(path, metadata)
+    if seed is None:
+        seed = meta_seed
     return Diff(
         name=name or path.stem, seed=seed, w=w, source=str(path), sha256=diff_sha256(w),
-        recipe=metadata.get("recipe") or None,
-        hparams=json.loads(metadata.get("hparams", "{}") or "{}"),
-        diagnostics=diff_diagnostics(w),
+        recipe=metadata.get("recipe") or None, hparams=hparams, diagnostics=diff_diagnostics(w),
     )
 
 

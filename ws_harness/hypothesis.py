@@ -22,6 +22,7 @@ import inspect
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -41,9 +42,11 @@ __all__ = [
     "BaseWeights",
     "broad_rank_for",
     "check_bases",
+    "split_columns",
     "per_layer",
     "global_basis",
     "ceiling",
+    "catalog_hypotheses",
 ]
 
 BROAD_RANK = 64  # SPEC §5: the rank K of "broad" projectors, capped at d/2 (broad_rank_for)
@@ -105,6 +108,25 @@ def _caller_module(fn: Callable[..., Any]) -> tuple[str, str, str]:
     return name, doc, module_name
 
 
+def _claim_file(module_name: str, fn: Callable[..., Any]) -> None:
+    """One file, one hypothesis: a second decorated builder would silently replace the first.
+
+    The record lives on the module object being executed, so re-importing a file starts afresh.
+    """
+    module = sys.modules.get(module_name)
+    if module is None:
+        return
+    taken = module.__dict__.setdefault("__ws_builders__", [])
+    taken.append(fn.__name__)
+    if len(taken) > 1:
+        where = getattr(module, "__file__", None) or module_name
+        names = " and ".join(repr(n) for n in taken)
+        raise ValueError(
+            f"{where}: defines {len(taken)} decorated builders ({names}); a hypothesis file "
+            "holds exactly one (its name is the file's). Move the other into its own file"
+        )
+
+
 def _normalise_refuted(
     refuted: Sequence[str] | Mapping[str, Sequence[int | str] | None], name: str
 ) -> dict[str, tuple[int | str, ...] | None]:
@@ -140,6 +162,7 @@ def _decorator(
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Hypothesis:
         name, doc, module = _caller_module(fn)
+        _claim_file(module, fn)
         hyp = Hypothesis(
             name=name, family=family, axis=axis, scope=scope, build=fn, definition=doc,
             module=module, file=inspect.getsourcefile(fn) or "",
@@ -189,20 +212,91 @@ def ceiling(
     return _decorator("per_layer", family, "ceiling", (), oracle_of)
 
 
+def catalog_hypotheses(
+    folders: Sequence[Path], skip: set[str] = frozenset()  # type: ignore[assignment]
+) -> tuple[dict[str, Hypothesis], dict[str, str]]:
+    """Every hypothesis defined by a `test_*.py` file of `folders` (files in `skip` excepted).
+
+    Files already imported (by pytest's collection) are reused; others are imported under
+    their plain module name, as pytest's default import mode would. Returns (name → hypothesis,
+    name → why its file could not be imported).
+    """
+    import importlib.util
+
+    found: dict[str, Hypothesis] = {}
+    problems: dict[str, str] = {}
+    for folder in folders:
+        for path in sorted(Path(folder).glob("test_*.py")):
+            if str(path) in skip:
+                continue
+            module_name = path.stem
+            module = sys.modules.get(module_name)
+            if module is None or getattr(module, "__file__", None) != str(path):
+                spec = importlib.util.spec_from_file_location(module_name, path)
+                if spec is None or spec.loader is None:
+                    continue
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                try:
+                    spec.loader.exec_module(module)
+                except Exception as exc:  # noqa: BLE001 - reported, not fatal to this run
+                    sys.modules.pop(module_name, None)
+                    problems[path.stem.removeprefix("test_")] = (
+                        f"{path}: cannot be imported for the BH family "
+                        f"({type(exc).__name__}: {exc})")
+                    continue
+            for value in vars(module).values():
+                if isinstance(value, Hypothesis) and value.module == module_name:
+                    found[value.name] = value
+    return found, problems
+
+
 class BaseWeights:
-    """Copies of the base model's weights by role, taken once, before any diff is applied."""
+    """Copies of the base model's weights by role, taken once, before any diff is applied.
+
+    Per layer a :class:`LayerWeights` (with its two RMSNorm gains); the unembedding W_U, the
+    input embedding, and ``final_norm`` (γ of the final RMSNorm W_U reads through).
+    """
 
     def __init__(self, arch: Architecture) -> None:
         self.n_layers = arch.n_layers
+        fields = LayerWeights.__dataclass_fields__
         self._layers = [
-            LayerWeights(**{r: getattr(arch.layer(i), r).clone() for r in LayerWeights.__annotations__})
-            for i in range(arch.n_layers)
+            LayerWeights(**{f: getattr(live, f).clone() for f in fields})
+            for live in (arch.layer(i) for i in range(arch.n_layers))
         ]
         self.unembedding = arch.unembedding.clone()
+        self.final_norm = arch.final_norm_gain.clone()
         tied = arch.embedding.data_ptr() == arch.unembedding.data_ptr()
         self.embedding = self.unembedding if tied else arch.embedding.clone()
         self.n_heads, self.n_kv_heads, self.head_dim = arch.n_heads, arch.n_kv_heads, arch.head_dim
         self.d_model = arch.d_model
+
+    @classmethod
+    def from_tensors(
+        cls, layers: Sequence[LayerWeights], unembedding: torch.Tensor, final_norm: torch.Tensor,
+        n_heads: int, n_kv_heads: int, embedding: torch.Tensor | None = None,
+    ) -> BaseWeights:
+        """BaseWeights from plain tensors (synthetic weights in tests; no model needed)."""
+        if not layers:
+            raise ValueError("layers is empty: BaseWeights needs at least one layer")
+        d = int(unembedding.shape[1])
+        if final_norm.shape != (d,):
+            raise ValueError(f"final_norm has shape {tuple(final_norm.shape)}, expected ({d},)")
+        if n_heads % n_kv_heads or layers[0].q.shape[0] % n_heads:
+            raise ValueError(
+                f"n_heads={n_heads}, n_kv_heads={n_kv_heads} do not fit q of shape "
+                f"{tuple(layers[0].q.shape)}"
+            )
+        self = cls.__new__(cls)
+        self.n_layers = len(layers)
+        self._layers = list(layers)
+        self.unembedding, self.final_norm = unembedding, final_norm
+        self.embedding = unembedding if embedding is None else embedding
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = int(layers[0].q.shape[0]) // n_heads
+        self.d_model = d
+        return self
 
     def layer(self, layer: int) -> LayerWeights:
         if not 0 <= layer < self.n_layers:
@@ -276,12 +370,24 @@ class FitContext:
         return range(self.n_layers)
 
     def weights(self, layer: int) -> LayerWeights:
+        """That layer's raw weights; ``.read(role)`` gives a read matrix with its γ folded in."""
         return self._weights.layer(layer)
 
     @property
     def unembedding(self) -> torch.Tensor:
-        """W_U [vocab, d]."""
+        """W_U [vocab, d] as stored (it reads the *final-normed* residual; see unembedding_read)."""
         return self._weights.unembedding
+
+    @property
+    def final_norm(self) -> torch.Tensor:
+        """γ_final [d]: the gain of the final RMSNorm that W_U reads through."""
+        return self._weights.final_norm
+
+    @property
+    def unembedding_read(self) -> torch.Tensor:
+        """W_U·diag(γ_final) [vocab, d]: the unembedding in residual coordinates (SPEC §5)."""
+        return self.memo(("unembedding_read",), lambda: self.unembedding * self.final_norm.to(
+            self.unembedding.dtype))
 
     def expand_kv(self, w_kv: torch.Tensor) -> torch.Tensor:
         return self._weights.expand_kv(w_kv)
@@ -334,6 +440,35 @@ class CeilingContext(FitContext):
 
     def causal(self, layer: int) -> torch.Tensor | None:
         return self._causal[layer] if self._causal else None
+
+
+def split_columns(hyp: Hypothesis, raw: Any, n_layers: int) -> tuple[Any, list[dict[str, float]]]:
+    """A builder returns a basis, or `(basis, {column: number})` to report per-layer columns
+    beside the scores (e.g. the principal cosines a basis was selected by). Returns the bases
+    as check_bases takes them and the columns per layer."""
+
+    def one(item: Any, where: str) -> tuple[Any, dict[str, float]]:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Mapping)):
+            return item, {}
+        basis, columns = item
+        out: dict[str, float] = {}
+        for name, value in columns.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise HypothesisError(f"{where}: column name {name!r} must be an identifier")
+            try:
+                out[name] = float(value)
+            except (TypeError, ValueError):
+                raise HypothesisError(
+                    f"{where}: column {name!r} is {type(value).__name__}, not a number") from None
+        return basis, out
+
+    if hyp.scope == "global":
+        basis, columns = one(raw, f"hypothesis {hyp.name!r}")
+        return basis, [columns] * n_layers
+    if not isinstance(raw, (list, tuple)) or len(raw) != n_layers:
+        return raw, [{} for _ in range(n_layers)]  # check_bases names the problem
+    pairs = [one(item, f"hypothesis {hyp.name!r} layer {l}") for l, item in enumerate(raw)]
+    return [b for b, _ in pairs], [c for _, c in pairs]
 
 
 def check_bases(hyp: Hypothesis, raw: Any, n_layers: int, d: int) -> list[torch.Tensor | None]:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "BASIS_ORTHONORMAL_TOL",
     "DEFAULT_RTOL",
     "orthonormalize",
     "top_eigenvectors",
     "numerical_rank",
     "pca_basis",
+    "uncentered_basis",
     "left_basis",
     "right_basis",
     "bottom_right_basis",
@@ -22,10 +25,13 @@ __all__ = [
     "union_basis",
     "principal_angles",
     "shared_directions",
+    "chance_cosine",
     "overlap",
     "effective_rank",
     "validate_basis",
 ]
+
+BASIS_ORTHONORMAL_TOL = 1e-4  # SPEC §6 claim 1: ‖BᵀB − I‖_max of a valid basis (float32)
 
 # Relative singular-value tolerance for "does the data support this direction" (SPEC §4, Rank).
 DEFAULT_RTOL = 1e-5
@@ -189,6 +195,17 @@ def pca_basis(X: Tensor, k: int, rtol: float = DEFAULT_RTOL) -> Tensor:
     return V[:, :r].to(device=X.device, dtype=_out_dtype(X)).contiguous()
 
 
+def uncentered_basis(X: Tensor, k: int, rtol: float = DEFAULT_RTOL) -> Tensor:
+    """Uncentered PCA of samples ``X`` [n, d]: top-k right singular vectors, mean *kept* → [d, r].
+
+    The eigenvectors of the second moment XᵀX/n, not of the covariance: for paired differences
+    (persona contrasts, labels) the mean is the signal (the diff-in-means direction), and
+    centering would remove it. r = min(k, n, supported rank).
+    """
+    X = _check_matrix(X, "X")
+    return right_basis(X, _check_k(k), rtol)
+
+
 def project_out(M: Tensor, B: Tensor) -> Tensor:
     """(I − BBᵀ)M for ``M`` [d, m] and orthonormal ``B`` [d, j]."""
     M = _check_matrix(M, "M")
@@ -278,6 +295,31 @@ def shared_directions(B1: Tensor, B2: Tensor, min_cos: float = 0.9) -> tuple[Ten
     return basis.to(device=B1.device, dtype=_out_dtype(B1)).contiguous(), c[keep].to(
         torch.float64
     ).cpu()
+
+
+@functools.lru_cache(maxsize=256)
+def chance_cosine(d: int, k1: int, k2: int, q: float = 0.99, draws: int = 512) -> float:
+    """The q-quantile of the largest principal cosine between two independent Haar-random
+    subspaces of ranks k1, k2 in R^d (Monte Carlo, fixed seed, so deterministic).
+
+    A pair of bases sharing a direction "beyond chance" has a principal cosine above this;
+    at d = 576 and ranks 8 and 7 it is ≈ 0.25: a cosine of 0.2 is what unrelated subspaces give.
+    """
+    for name, v in (("d", d), ("k1", k1), ("k2", k2), ("draws", draws)):
+        _check_k(v, name)
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be in (0, 1), got {q}")
+    if min(k1, k2) == 0:
+        return 1.0
+    if k1 + k2 > d:
+        return 1.0  # the subspaces must intersect: every pair counts
+    g = torch.Generator().manual_seed(0)
+    top = torch.empty(draws, dtype=torch.float64)
+    for i in range(draws):
+        Q1, _ = torch.linalg.qr(torch.randn(d, k1, generator=g, dtype=torch.float64))
+        Q2, _ = torch.linalg.qr(torch.randn(d, k2, generator=g, dtype=torch.float64))
+        top[i] = torch.linalg.svdvals(Q1.T @ Q2)[0]
+    return float(torch.quantile(top, q))
 
 
 def overlap(B: Tensor, B_w: Tensor) -> float:

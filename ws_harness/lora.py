@@ -1,4 +1,10 @@
-"""Building diffs (SPEC §2.3): training-data recipes, PEFT LoRA per side, merge, w = Δ⁺ − Δ⁻."""
+"""Building diffs (SPEC §2.3): training-data recipes, a PEFT adapter per side, merge, w = Δ⁺ − Δ⁻.
+
+The adapter family (`FAMILIES`: lora, dora, pissa, oft, ia3) is PEFT's own config for each; the
+default `lora` path is the original one (Δ = scale·B·A read off the LoRA factors), bit-identical
+to before; the other families are merged with PEFT and read as merged − base
+(`ws_harness.adapters.merged_deltas`), which is right whatever the family does when it merges.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ from ws_harness.diffs import Diff, diff_diagnostics, diff_sha256
 __all__ = [
     "RECIPES",
     "DEFAULT_RECIPE",
+    "FAMILIES",
+    "DEFAULT_FAMILY",
+    "OFT_BLOCK_SIZE",
     "SIDES",
     "LoraHParams",
     "Example",
@@ -31,6 +40,7 @@ __all__ = [
     "resolve_hparams",
     "side_seed",
     "target_modules",
+    "peft_config",
     "recipe_examples",
     "train_side",
     "lora_deltas",
@@ -43,6 +53,12 @@ RECIPES = ("scripted", "distilled", "generated")
 # 135M model only the scripted recipe steers strongly and on every seed; the persona prompts
 # barely move its verdict logits, so distilled diffs do not steer and generated ones only weakly.
 DEFAULT_RECIPE = "scripted"
+# Adapter families, each built with PEFT's own config (peft_config below).
+FAMILIES = ("lora", "dora", "pissa", "oft", "ia3")
+DEFAULT_FAMILY = "lora"
+# OFT block size: divides every input width of the shipped models (64, 96, 128 on the random
+# presets; 576, 1536 on SmolLM2-135M; 1024, 2048, 3072 on Qwen3-0.6B). OFT ignores `rank`.
+OFT_BLOCK_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -104,17 +120,36 @@ _DEFAULTS: dict[str, LoraHParams] = {
 }
 
 
-def default_hparams(recipe: str = DEFAULT_RECIPE) -> LoraHParams:
-    """The measured default hyper-parameters of a recipe."""
+# Per-family overrides of the recipe defaults (benchmarks/bench_families.py). LoRA, DoRA and PiSSA
+# share LoRA's settings; IA3 trains one scaling vector per module and OFT a small rotation per
+# block, so both need a far larger learning rate to move the verdict in the same 16 steps.
+_FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "lora": {},
+    "dora": {},
+    "pissa": {},
+    "oft": {"lr": 1e-2},
+    "ia3": {"lr": 3e-2},
+}
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown adapter family {family!r}; choose one of {list(FAMILIES)}")
+
+
+def default_hparams(recipe: str = DEFAULT_RECIPE, family: str = DEFAULT_FAMILY) -> LoraHParams:
+    """The measured default hyper-parameters of a recipe (and adapter family)."""
     _check_recipe(recipe)
-    return _DEFAULTS[recipe]
+    _check_family(family)
+    return replace(_DEFAULTS[recipe], **_FAMILY_OVERRIDES[family])
 
 
 def resolve_hparams(
-    recipe: str, hparams: LoraHParams | Mapping[str, Any] | None = None
+    recipe: str, hparams: LoraHParams | Mapping[str, Any] | None = None,
+    family: str = DEFAULT_FAMILY,
 ) -> LoraHParams:
-    """A full LoraHParams: the recipe's defaults, overridden by a mapping of field values."""
-    base = default_hparams(recipe)
+    """A full LoraHParams: the recipe's (and family's) defaults, overridden by a mapping of values."""
+    base = default_hparams(recipe, family)
     if hparams is None:
         return base
     if isinstance(hparams, LoraHParams):
@@ -149,6 +184,37 @@ def target_modules(arch: Architecture, hp: LoraHParams) -> list[str]:
             "is empty; widen layer_lo/layer_hi"
         )
     return [arch.module_name(layer, role) for layer in layers for role in hp.roles]
+
+
+def peft_config(family: str, hp: LoraHParams, names: list[str]) -> Any:
+    """PEFT's own config of an adapter family on the target modules `names`.
+
+    lora: LoraConfig (A Kaiming-uniform, B zero); dora: the same with use_dora=True (magnitude
+    vector = the weights' column norms); pissa: init_lora_weights="pissa" (A, B from the top-r
+    SVD of each weight, which PEFT subtracts from the base copy); oft: OFTConfig with block size
+    OFT_BLOCK_SIZE (identity rotation at init); ia3: IA3Config (ones at init), down_proj as the
+    feed-forward module whose *input* is scaled. Dropout 0 and no bias training everywhere, so the
+    adapters change exactly the seven roles' weights.
+    """
+    from peft import IA3Config, LoraConfig, OFTConfig
+
+    _check_family(family)
+    if family in ("lora", "dora", "pissa"):
+        return LoraConfig(
+            r=hp.rank, lora_alpha=hp.lora_alpha, lora_dropout=0.0, bias="none",
+            target_modules=names, init_lora_weights="pissa" if family == "pissa" else True,
+            use_dora=family == "dora",
+        )
+    if family == "oft":
+        return OFTConfig(
+            r=0, oft_block_size=OFT_BLOCK_SIZE, module_dropout=0.0, bias="none",
+            target_modules=names, init_weights=True,
+        )
+    down = ROLES["down"]
+    return IA3Config(
+        target_modules=names, feedforward_modules=[n for n in names if n.endswith(down)],
+        init_ia3_weights=True,
+    )
 
 
 # ---- training data ---------------------------------------------------------------------------
@@ -300,28 +366,29 @@ def train_side(
     pad_id: int,
     desc: str = "lora",
     progress: bool = True,
+    family: str = DEFAULT_FAMILY,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Train one PEFT LoRA on a private copy of `model` and return its merged delta
-    Δ = scale·B·A per target weight, keyed by the base parameter name (float32), and the losses.
+    """Train one PEFT adapter of `family` on a private copy of `model` and return its merged delta
+    per target weight, keyed by the base parameter name (float32), and the losses.
 
-    The shared model is never modified. Deterministic for a fixed `seed`: it seeds the LoRA
-    init (A is Kaiming-uniform, B zero) and the data order; LoRA dropout is 0.
+    lora: Δ = scale·B·A from the factors (the original path); other families: merged − base after
+    PEFT's merge_and_unload. The shared model is never modified. Deterministic for a fixed
+    `seed`: it seeds the adapter init (LoRA's A is Kaiming-uniform, B zero) and the data order;
+    dropout is 0.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
+    _check_family(family)
     if not examples:
         raise ValueError("no training examples; the behaviour's TRAIN split is empty")
     names = target_modules(arch, hp)
     student = copy.deepcopy(model)  # PEFT injects adapters in place: keep the shared model pure
-    config = LoraConfig(
-        r=hp.rank, lora_alpha=hp.lora_alpha, lora_dropout=0.0, bias="none",
-        target_modules=names, init_lora_weights=True,
-    )
+    config = peft_config(family, hp, names)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # transformers 5 deprecates an attribute PEFT still reads; the warning is noise here.
         warnings.simplefilter("ignore", FutureWarning)
         torch.manual_seed(seed)
-        get_peft_model(student, config)
+        peft_model = get_peft_model(student, config)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -336,8 +403,13 @@ def train_side(
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
-    delta = lora_deltas(student, names)
-    del student, optimizer
+    if family == "lora":
+        delta = lora_deltas(student, names)
+    else:
+        from ws_harness.adapters import merged_deltas
+
+        delta = merged_deltas(peft_model, model, arch, source=f"{family} adapter ({desc})")
+    del student, peft_model, optimizer
     return delta, losses
 
 
@@ -357,7 +429,7 @@ def lora_deltas(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Ten
 # ---- build + cache -----------------------------------------------------------------------------
 def _build(
     model: torch.nn.Module, tokenizer: Any, arch: Architecture, behaviour: Behaviour, seed: int,
-    recipe: str, hp: LoraHParams, progress: bool,
+    recipe: str, hp: LoraHParams, progress: bool, family: str = DEFAULT_FAMILY,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     deltas: dict[str, dict[str, torch.Tensor]] = {}
     info: dict[str, Any] = {"losses": {}, "seconds": {}}
@@ -372,7 +444,8 @@ def _build(
         init = side_seed(seed, "paired" if hp.paired_init else side)
         deltas[side], info["losses"][side] = train_side(
             model, arch, examples, hp, init, pad_id=pad_id,
-            desc=f"diff {recipe} seed {seed} {side}", progress=progress,
+            desc=f"diff {recipe} seed {seed} {side}" + ("" if family == "lora" else f" {family}"),
+            progress=progress, family=family,
         )
         info["seconds"][f"train_{side}"] = time.perf_counter() - start
     pos, neg = deltas["positive"], deltas["negative"]
@@ -381,8 +454,10 @@ def _build(
     return w, info
 
 
-def _diff_name(recipe: str, seed: int) -> str:
-    return f"{recipe}-seed{seed}"
+def _diff_name(recipe: str, seed: int, family: str = DEFAULT_FAMILY) -> str:
+    # The default family keeps its historical name; others carry theirs, so a diff that fails
+    # the steering check is reported by family.
+    return f"{recipe}-seed{seed}" if family == DEFAULT_FAMILY else f"{recipe}-{family}-seed{seed}"
 
 
 def build_diff(
@@ -397,23 +472,28 @@ def build_diff(
     cache: DiskCache | None = None,
     model_key: Mapping[str, Any] | None = None,
     progress: bool = True,
+    family: str = DEFAULT_FAMILY,
 ) -> Diff:
-    """Build w = Δ⁺ − Δ⁻ for one seed (SPEC §2.3) by training a LoRA per side on `model`.
+    """Build w = Δ⁺ − Δ⁻ for one seed (SPEC §2.3) by training an adapter of `family` per side.
 
     With a `cache`, the diff is stored per model (`model_key`: what identifies the weights,
-    e.g. {"model": spec, "model_fingerprint": sha}), behaviour data, recipe, hyper-parameters
-    and seed; an interrupted build leaves no entry. Without one it is trained every call.
+    e.g. {"model": spec, "model_fingerprint": sha}), behaviour data, recipe, family,
+    hyper-parameters and seed; an interrupted build leaves no entry. Without one it is trained
+    every call. The diff is not checked here: callers run steering.check_steers on it.
     """
     _check_recipe(recipe)
+    _check_family(family)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    hp = resolve_hparams(recipe, hparams)
-    name = _diff_name(recipe, seed)
+    hp = resolve_hparams(recipe, hparams, family)
+    name = _diff_name(recipe, seed, family)
+    source = f"built:{recipe}" if family == DEFAULT_FAMILY else f"built:{recipe}:{family}"
 
     def make(w: dict[str, torch.Tensor], info: dict[str, Any]) -> Diff:
         return Diff(
-            name=name, seed=seed, w=w, source=f"built:{recipe}", sha256=info["sha256"],
-            recipe=recipe, hparams=hp.to_json(), diagnostics=info["diagnostics"],
+            name=name, seed=seed, w=w, source=source, sha256=info["sha256"],
+            recipe=recipe, hparams={**hp.to_json(), "family": family},
+            diagnostics=info["diagnostics"],
         )
 
     def build() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -423,7 +503,7 @@ def build_diff(
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            w, info = _build(model, tokenizer, arch, behaviour, seed, recipe, hp, progress)
+            w, info = _build(model, tokenizer, arch, behaviour, seed, recipe, hp, progress, family)
         finally:
             torch.set_num_threads(threads)
         info["sha256"] = diff_sha256(w)
@@ -447,7 +527,7 @@ def build_diff(
         return make(load_file(str(path / "w.safetensors")), info)
 
     parts = {**model_key, "behaviour": behaviour.fingerprint(), "recipe": recipe,
-             "hparams": hp.to_json(), "seed": seed}
+             "family": family, "hparams": hp.to_json(), "seed": seed}
     return cache.get_or_build_dir("diff", parts, write, load, producer=build_diff)
 
 

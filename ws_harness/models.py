@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ws_harness.cache import DiskCache
+from ws_harness.cache import DiskCache, file_sha256, safetensors_problem
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -68,12 +68,24 @@ class LoadedModel:
         return self.model.config
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+# What a cached tokenizer / converted model entry must hold. Without tokenizer.json,
+# AutoTokenizer falls back to sentencepiece and fails with a message that names neither.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+MODEL_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
+
+
+def _require_files(path: Path, names: tuple[str, ...]) -> None:
+    missing = [name for name in names if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} lacks {', '.join(missing)}")
+
+
+def _load_tokenizer_dir(path: Path) -> Any:
+    """The tokenizer of a cache entry; raises (so the cache rebuilds) if it is incomplete."""
+    from transformers import AutoTokenizer
+
+    _require_files(path, TOKENIZER_FILES)
+    return _prepare_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
 def _embedded_gguf(spec: str) -> Path:
@@ -127,21 +139,25 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _embedded_dir(spec: str, cache: DiskCache) -> tuple[Path, str]:
+def _embedded_dir(spec: str, cache: DiskCache) -> tuple[Path, str, Any]:
+    """The converted model's cache entry, its GGUF's sha256 and its tokenizer."""
     gguf = _embedded_gguf(spec)
     sha = _memo_sha256(gguf, cache)
 
-    def verify(path: Path) -> Path:
-        if not (path / "model.safetensors").is_file() or not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} lacks model.safetensors or config.json")
+    def verify(path: Path) -> tuple[Path, Any]:
+        # Beyond the cache's manifest check: what from_pretrained needs is there and readable.
+        _require_files(path, MODEL_FILES)
         json.loads((path / "config.json").read_text())
-        return path
+        problem = safetensors_problem(path / "model.safetensors")
+        if problem is not None:
+            raise ValueError(f"{path / 'model.safetensors'}: {problem}")
+        return path, _load_tokenizer_dir(path)
 
-    directory = cache.get_or_build_dir(
+    directory, tokenizer = cache.get_or_build_dir(
         "model", {"spec": spec, "gguf_sha256": sha}, build=lambda out: _convert_gguf(gguf, out),
         load=verify, producer=_convert_gguf,
     )
-    return directory, sha
+    return directory, sha, tokenizer
 
 
 def _save_gguf_tokenizer(gguf: Path, out: Path) -> None:
@@ -152,15 +168,13 @@ def _save_gguf_tokenizer(gguf: Path, out: Path) -> None:
 
 def load_tokenizer(cache: DiskCache, spec: str = "smollm2-135m-instruct") -> Any:
     """An embedded model's tokenizer (with chat template), cached apart from its weights (~5 s cold)."""
-    from transformers import AutoTokenizer
-
     gguf = _embedded_gguf(spec)
-    directory = cache.get_or_build_dir(
+    # Loading the tokenizer is part of the entry's check: one that does not load is rebuilt.
+    return cache.get_or_build_dir(
         "tokenizer", {"spec": spec, "gguf_sha256": _memo_sha256(gguf, cache)},
-        build=lambda out: _save_gguf_tokenizer(gguf, out), load=lambda p: p,
+        build=lambda out: _save_gguf_tokenizer(gguf, out), load=_load_tokenizer_dir,
         producer=_save_gguf_tokenizer,
     )
-    return _prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
 
 
 def _prepare_tokenizer(tokenizer: Any) -> Any:
@@ -211,8 +225,8 @@ def _resolve_local(spec: str) -> Path:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
-                f"model directory {path} has no config.json; point --ws-model at a Hugging Face "
-                "model directory (config.json + weights + tokenizer)"
+                f"model directory {path} has no config.json; point --ws-model (ws-harness: "
+                "--model) at a Hugging Face model directory (config.json + weights + tokenizer)"
             )
         return path
     from huggingface_hub import constants, snapshot_download
@@ -241,16 +255,16 @@ def load_model(
             )
         return _random_model(preset, cache, attn_implementation)
     if spec in EMBEDDED_MODELS:
-        directory, fingerprint = _embedded_dir(spec, cache)
+        directory, fingerprint, tokenizer = _embedded_dir(spec, cache)
         source = str(_embedded_gguf(spec))
     else:
         directory = _resolve_local(spec)
         fingerprint = _dir_fingerprint(directory, cache)
         source = str(directory)
+        tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=torch.float32, attn_implementation=attn_implementation
     )
-    tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
             f"model {spec!r}: its tokenizer has no chat template; ws-harness renders probes "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from scipy import optimize, stats
 from torch import Tensor
 
+from .linalg import DEFAULT_RTOL as DEFAULT_RANK_RTOL
 from .linalg import numerical_rank
 
 __all__ = [
@@ -22,12 +24,22 @@ __all__ = [
     "mc_p_value",
     "structured_null",
     "sum_sq64",
+    "diagonal_null_energies",
+    "structured_null_energies",
+    "structured_null_draws",
+    "StructuredDraws",
+    "shared_complement_layer_mean_p_value",
+    "shared_complement_weights",
+    "DEFAULT_STRUCTURED_P_SAMPLES",
     "DEFAULT_MC_SAMPLES",
     "DEFAULT_STRUCTURED_SAMPLES",
 ]
 
 DEFAULT_MC_SAMPLES = 120  # what the original research drew per (layer, rank, tensor)
 DEFAULT_STRUCTURED_SAMPLES = 256
+# Draws of the structured null behind its p-value: (b + 1)/(n + 1) ≥ 1/(n + 1) ≈ 1e-4, below the
+# BH thresholds (q·i/m ≥ 4.4e-5·i for m ≈ 225 claims at q = 0.01) once a few claims are strong.
+DEFAULT_STRUCTURED_P_SAMPLES = 10_000
 
 # Cap on floats per batched random draw, so Monte Carlo memory stays bounded for large d, k, n.
 _CHUNK_FLOATS = 1 << 24
@@ -340,6 +352,61 @@ def mc_p_value(samples: Tensor, e_obs: float) -> float:
     return (b + 1) / (samples.numel() + 1)
 
 
+def diagonal_null_energies(
+    spectrum: np.ndarray | Tensor,
+    k: int,
+    d: int,
+    n: int,
+    rng: np.random.Generator | int = 0,
+    *,
+    batch: int = 50_000,
+) -> np.ndarray:
+    """n draws of E = tr(PA) for Haar-uniform rank-k P in R^d, A = diag(λ) (tr A = 1), float64.
+
+    Only the overlap of the subspace with A's eigenvectors matters, so A may be taken
+    diagonal. With Q = G(GᵀG)^{-1/2} for Gaussian G [d, k], the first r rows (r = #{λ_i > 0})
+    give E = tr(S⁻¹·G_rᵀΛG_r), S = GᵀG = G_rᵀG_r + W, and the other d − r rows enter only
+    through W ~ Wishart_k(d − r, I), drawn by Bartlett's decomposition (W = LLᵀ, L lower
+    triangular, L_ii² ~ χ²_{d−r−i+1}, L_ij ~ N(0, 1) below the diagonal). Cost per draw
+    O(r·k² + k³) instead of O(d·k²); equal in law to QR of a full Gaussian [d, k]. Used by
+    the calibration benchmark and invariants (10⁵–10⁶ draws at d = 576, k = 8).
+    ``rng``: a numpy Generator or an int seed (draws are reproducible).
+    """
+    _check_k_d(k, d)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if k == 0:
+        return np.zeros(n)
+    lam = np.asarray(
+        spectrum.detach().cpu() if isinstance(spectrum, Tensor) else spectrum, float
+    ).reshape(-1)
+    if lam.size > d:
+        raise ValueError(f"spectrum has {lam.size} eigenvalues but d={d}")
+    if (lam < 0).any() or not np.isfinite(lam).all():
+        raise ValueError(f"spectrum must be finite and >= 0, got min {lam.min()}")
+    lam = lam[lam > 0.0]
+    if d - lam.size < k:  # W would be singular: keep every row explicitly
+        lam = np.concatenate([lam, np.zeros(d - lam.size)])
+    r, df = lam.size, d - lam.size
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(int(rng))
+    rows, cols = np.tril_indices(k, -1)
+    diag = np.arange(k)
+    out = []
+    for lo in range(0, n, batch):
+        m = min(batch, n - lo)
+        G = gen.standard_normal((m, r, k))
+        Gt = G.transpose(0, 2, 1)
+        S = Gt @ G
+        M = Gt @ (G * lam[:, None])
+        if df:
+            L = np.zeros((m, k, k))
+            L[:, rows, cols] = gen.standard_normal((m, rows.size))
+            L[:, diag, diag] = np.sqrt(gen.chisquare(df - diag, size=(m, k)))
+            S += L @ L.transpose(0, 2, 1)
+        out.append(np.trace(np.linalg.solve(S, M), axis1=1, axis2=2))
+    return np.concatenate(out)
+
+
 def structured_null(
     W: Tensor,
     factor: Tensor,
@@ -390,6 +457,191 @@ def structured_null(
         return torch.linalg.qr(Wf @ G)[0]
 
     return _energies(factor, draw, n_samples, per_item=mw * k + d * k + k * m)
+
+
+@dataclass(frozen=True)
+class StructuredDraws:
+    """One layer's structured-null draws, reusable for every basis rank k ≤ ``k_max``.
+
+    For draw j with Y_j = TZ_j (T = Σ^{1/2}, Z_j Gaussian [d, k_max]) and F_r the target's
+    supported factor: ``gram[j]`` = Y_jᵀY_j and ``cross[j]`` = (Y_jᵀF_r)(F_rᵀY_j), both
+    [k_max, k_max]. The rank-k draw uses the first k columns of Z_j (still Gaussian), so
+    E_j(k) = tr(gram_k⁻¹·cross_k) over the leading k×k blocks (``energies``).
+    """
+
+    gram: Tensor
+    cross: Tensor
+    k_max: int
+    d: int
+    _by_k: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def n(self) -> int:
+        return int(self.gram.shape[0])
+
+    def energies(self, k: int) -> Tensor:
+        """E_j = ‖Q_jᵀF‖_F²/‖F‖_F² for the n rank-k structured subspaces → float64 CPU [n]."""
+        _check_k_d(k, self.d)
+        if not 1 <= k <= self.k_max:
+            raise ValueError(f"k={k} must be in [1, k_max={self.k_max}]; draw with a larger k_max")
+        if k not in self._by_k:  # computed once per rank, then reused for every basis
+            S, M = self.gram[:, :k, :k], self.cross[:, :k, :k]
+            L = torch.linalg.cholesky(S)
+            self._by_k[k] = torch.cholesky_solve(M, L).diagonal(dim1=1, dim2=2).sum(-1)
+        return self._by_k[k]
+
+
+def structured_null_draws(
+    W: Tensor,
+    factor: Tensor,
+    k_max: int,
+    n_samples: int = DEFAULT_STRUCTURED_P_SAMPLES,
+    generator: torch.Generator | int = 0,
+    *,
+    chunk: int = 500,
+) -> StructuredDraws:
+    """Draws of the structured null: Q = orth(Σ^{1/2}Z), Σ = WWᵀ, Z Gaussian [d, k] (float64).
+
+    The same law as ``structured_null`` (the columns of W·G, G Gaussian [m, k], are
+    N(0, WWᵀ), and so are those of Σ^{1/2}Z), drawn faster: with T = Σ^{1/2} (symmetric square
+    root, from eigh of WWᵀ in float64), Y = TZ and F reduced to its supported directions F_r
+    (FFᵀ = F_rF_rᵀ), E = tr((YᵀY)⁻¹·(YᵀF_r)(F_rᵀY)): one d×d by d×k product per draw
+    instead of d×m by m×k (m = d + d_ff), and no QR. The draws depend on the layer's W and
+    target only, not on the basis: build them once per (diff, layer) and score every basis
+    against them (``StructuredDraws.energies(k)`` serves every rank k ≤ k_max).
+
+    Is this a Haar draw inside a subspace (so that the exact §4 machinery would apply to the
+    target projected into it)? Only when W's nonzero singular values are all equal: then Q is
+    Haar in col(W). For the models here W = [W_o | W_down] has full row rank and an uneven
+    spectrum, so the law is the matrix angular central Gaussian with parameter WWᵀ, which has
+    no closed-form tail for k > 1; its p-value is Monte Carlo, (b + 1)/(n + 1).
+
+    Coupling: Z comes from ``generator`` alone (an int seeds a fresh CPU generator), so layers
+    drawn with the same seed, d and k_max share Z: their subspaces Σ_l^{1/2}Z are the
+    structured analogue of one random subspace shared by all layers (a global basis's null;
+    with Σ_l ∝ I it is exactly the §4 global null). Distinct seeds give independent layers
+    (a per-layer basis's null). Raises ValueError if rank(W) < k_max.
+    """
+    factor = _check_factor(factor)
+    if not isinstance(W, Tensor):
+        raise TypeError(f"W must be a torch.Tensor [d, m], got {type(W).__name__}")
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D [d, m] = [W_o | W_down], got shape {tuple(W.shape)}")
+    d = int(factor.shape[0])
+    if W.shape[0] != d:
+        raise ValueError(
+            f"W has {W.shape[0]} rows, expected d={d} (its columns must live in the residual stream)"
+        )
+    _check_k_d(k_max, d)
+    if k_max < 1:
+        raise ValueError(f"k_max must be >= 1, got {k_max}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    W64 = W.detach().to("cpu", torch.float64)
+    sigma = W64 @ W64.T
+    sigma = sigma / sigma.trace()  # orth(TZ) ignores the scale; keeps the numbers well-ranged
+    ev, V = torch.linalg.eigh(sigma)
+    rank = int((ev > DEFAULT_RANK_RTOL**2 * ev.max()).sum())  # ev = singular values²
+    if rank < k_max:
+        raise ValueError(f"W has rank {rank} < k_max={k_max}; a structured null needs k <= rank(W)")
+    T = (V * ev.clamp_min(0.0).sqrt()) @ V.T
+    F64 = factor.detach().to("cpu", torch.float64)
+    norm2 = float(F64.square().sum())
+    if norm2 == 0.0:
+        raise ValueError("factor is all-zero: there is no target A to score against")
+    fe, fv = torch.linalg.eigh(F64 @ F64.T / norm2)  # A = F Fᵀ/‖F‖²: F_r = U_r √λ_r
+    keep = fe > 1e-13 * fe.max()
+    TF = T @ (fv[:, keep] * fe[keep].sqrt())  # Yᵀ F_r = Zᵀ (T F_r): T is symmetric
+    g = _generator(generator)
+    grams, crosses = [], []
+    k = k_max
+    for lo, hi in _chunks_fixed(n_samples, chunk):
+        n = hi - lo
+        Z = torch.randn((d, n * k), generator=g, dtype=torch.float64)  # draw j: columns jk…jk+k−1
+        Y = (T @ Z).T.reshape(n, k, d)  # one GEMM per chunk; Y[j] = (T Z_j)ᵀ
+        grams.append(Y @ Y.transpose(1, 2))  # [n, k, k]
+        H = (Z.T @ TF).reshape(n, k, -1)  # [n, k, r] = Z_jᵀ T F_r
+        crosses.append(H @ H.transpose(1, 2))
+    return StructuredDraws(torch.cat(grams), torch.cat(crosses), k_max, d)
+
+
+def structured_null_energies(
+    W: Tensor,
+    factor: Tensor,
+    k: int,
+    n_samples: int = DEFAULT_STRUCTURED_P_SAMPLES,
+    generator: torch.Generator | int = 0,
+) -> Tensor:
+    """Samples [n] (float64) of E under the structured null: ``structured_null_draws(...).energies(k)``."""
+    return structured_null_draws(W, factor, k, n_samples, generator).energies(k)
+
+
+def _chunks_fixed(n: int, step: int) -> list[tuple[int, int]]:
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def shared_complement_weights(
+    factors: Sequence[Tensor], complements: Sequence[Tensor], k: int
+) -> np.ndarray:
+    """Eigenvalues c_i of C = Σ_l s_l(Ã_l − Π_l/d'_l)/(kL): mean_l R_l − 1 ≈ Σ_i c_i χ²_k under a
+    shared Haar subspace (see ``shared_complement_layer_mean_p_value``); Var ≈ 2k·Σ c_i²."""
+    if len(factors) != len(complements) or not factors:
+        raise ValueError(
+            f"need one factor per complement, got {len(factors)} and {len(complements)}"
+        )
+    d = int(complements[0].shape[0])
+    L = len(factors)
+    C = torch.zeros((d, d), dtype=torch.float64)
+    for l, (F, Q) in enumerate(zip(factors, complements, strict=True)):
+        F64, Q64 = F.detach().cpu().double(), Q.detach().cpu().double()
+        if Q64.ndim != 2 or Q64.shape[0] != d or F64.ndim != 2 or F64.shape[0] != Q64.shape[1]:
+            raise ValueError(
+                f"layer {l}: complement {tuple(Q64.shape)} must be [d={d}, d'] and its factor "
+                f"[d', n], got factor {tuple(F64.shape)}"
+            )
+        dp = int(Q64.shape[1])
+        _check_k_d(k, dp)
+        norm2 = float(F64.square().sum())
+        if norm2 == 0.0:
+            raise ValueError(f"layer {l}: factor is all-zero (no target)")
+        s = math.sqrt(dp * (dp - k) / ((dp - 1.0) * (dp + 2.0))) if dp > 1 else 0.0
+        Ft = Q64 @ F64 / math.sqrt(norm2)
+        C += s * (Ft @ Ft.T - Q64 @ Q64.T / dp) / (k * L)
+    w = torch.linalg.eigvalsh((C + C.T) / 2).numpy()
+    scale = float(np.abs(w).max(initial=0.0))
+    return w[np.abs(w) > 1e-12 * scale] if scale > 1e-14 else np.zeros(0)
+
+
+def shared_complement_layer_mean_p_value(
+    r_mean_obs: float,
+    factors: Sequence[Tensor],
+    complements: Sequence[Tensor],
+    k: int,
+) -> float:
+    """P(mean_l R_l ≥ r_mean_obs) for ONE Haar k-dim subspace span(G) ⊂ R^d projected into each
+    layer's complement: specificity of a global basis (SPEC §4, "Specificity").
+
+    Layer l scores orth(Q_lᵀG) (Q_l [d, d'_l] orthonormal, the complement of the layer's clean
+    PCs) against A'_l = F'_lF'_lᵀ (tr 1) in d'_l coordinates, R_l = (d'_l/k)·E_l. Each
+    orth(Q_lᵀG) is exactly Haar in R^{d'_l} (Q_lᵀG is Gaussian), but the layers share G, so the
+    per-layer (independent) null would understate the variance of the mean when the layers'
+    targets align. Linearised as in ``layer_mean_saddlepoint_p_value`` (P ≈ GGᵀ/d'):
+    R_l − 1 ≈ (s_l/k)·tr(Gᵀ(Ã_l − Π_l/d'_l)G), Ã_l = Q_lA'_lQ_lᵀ, Π_l = Q_lQ_lᵀ,
+    s_l² = d'_l(d'_l − k)/((d'_l − 1)(d'_l + 2)) (exact per-layer variance), so
+    mean_l R_l − 1 ≈ tr(GᵀCG) = Σ_i c_i χ²_k, C = Σ_l s_l(Ã_l − Π_l/d'_l)/(kL), whose tail
+    at r_mean_obs − 1 comes from the Lugannani–Rice saddlepoint (``_quadform_tail``).
+    ``factors``: F'_l [d'_l, n] (tr A'_l = ‖F'_l‖² = 1); ``complements``: Q_l [d, d'_l].
+    A null that is a point mass (every c_i = 0) gives p = 1 up to r = 1 + 1e-5, else 0.
+    """
+    r_mean_obs = float(r_mean_obs)
+    w = shared_complement_weights(factors, complements, k)
+    if math.isnan(r_mean_obs):
+        return math.nan
+    if w.size == 0 or w.min() >= 0.0 or w.max() <= 0.0:
+        return 1.0 if r_mean_obs <= 1.0 + 1e-5 else 0.0
+    return _quadform_tail(w, np.full(w.size, float(k)), upper=True, x=r_mean_obs - 1.0)
 
 
 # ---- Signed (indefinite) C: the null of the linear / attribution retention (SPEC §4.1) -------

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 import pytest
 
 from ws_harness.arch import Architecture
-from ws_harness.config import ConfigError, HarnessConfig, add_pytest_options, cli_values, resolve_config
+from ws_harness.config import (
+    ConfigError,
+    HarnessConfig,
+    add_pytest_options,
+    check_paths,
+    cli_values,
+    resolve_config,
+)
 from ws_harness.data import Behaviour
 from ws_harness.diffs import Diff
 from ws_harness.models import LoadedModel
@@ -47,6 +54,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ws_hypothesis: an item generated from a hypothesis file")
     try:
         harness_config = resolve_config(config.rootpath, cli_values(config))
+        check_paths(harness_config)
     except ConfigError as exc:
         raise pytest.UsageError(f"ws-harness configuration: {exc}") from None
     from ws_harness import collect

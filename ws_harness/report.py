@@ -745,7 +745,7 @@ def _axis_leaders(part: pl.DataFrame, counts: dict[tuple[str, str], dict[str, An
     causal = _causal_metric(table)
     axes = ([causal.name] if causal else []) + list(schema.SCATTER_AXES)
     if table != "read":
-        axes.append("joint")
+        axes += ["r_act_specific", "r_w_struct", "joint"]  # beyond the isotropic null, then joint
     else:
         axes.remove("r_w_combined")  # overlap, not recovery, for read-side bases
     parts = []

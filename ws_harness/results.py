@@ -64,6 +64,29 @@ class RunResults:
     def empty(self) -> bool:
         return not self.summaries
 
+    def ordered(self) -> RunResults:
+        """The same results in one canonical row order (diff, hypothesis, layer/claim), so the
+        tables do not depend on how many workers produced them or in which order."""
+
+        def order(records: list[dict], key: tuple[str, ...]) -> list[dict]:
+            return sorted(records, key=lambda r: tuple(_sort_key(r.get(k)) for k in key))
+
+        return RunResults(
+            rows=order(self.rows, _KEYS["rows"]), summaries=order(self.summaries, _KEYS["summaries"]),
+            claims=order(self.claims, _KEYS["claims"]),
+            hypotheses=dict(sorted(self.hypotheses.items())), errors=dict(sorted(self.errors.items())),
+            inputs=self.inputs, timings=dict(sorted(self.timings.items())),
+        )
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    # Numbers numerically (layer 2 before layer 10), then strings; None first.
+    if value is None:
+        return (0, 0)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (1, value)
+    return (2, str(value))
+
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
@@ -123,6 +146,7 @@ def _frame(records: list[dict[str, Any]], first: list[str] | None = None) -> pl.
 def write_tables(results: RunResults, out: Path) -> dict[str, Path]:
     """per_layer, summary and claims as CSV and Parquet, plus inputs.json and results.json."""
     out.mkdir(parents=True, exist_ok=True)
+    results = results.ordered()
     written: dict[str, Path] = {}
     tables = {
         "per_layer": _frame(results.rows, schema.per_layer_columns()),

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ws_harness import schema
 from ws_harness.arch import ROLES, WRITE_ROLES, Architecture
 from ws_harness.data import ProbeSet
+from ws_harness.linalg import BASIS_ORTHONORMAL_TOL
 from ws_harness.nulls import haar_bases
 
 __all__ = [
@@ -106,9 +106,9 @@ def _check_basis(basis: Any, layer: int, d: int) -> Tensor:
                          f"expected a floating [d={d}, k] tensor (d = the delta's output size)")
     b = basis.detach().to(torch.float64)
     err = float((b.T @ b - torch.eye(b.shape[1], dtype=torch.float64)).abs().max()) if b.shape[1] else 0.0
-    if not err < schema.BASIS_ORTHONORMAL_TOL:
+    if not err < BASIS_ORTHONORMAL_TOL:
         raise ValueError(f"basis at layer {layer} (shape {tuple(basis.shape)}) is not orthonormal: "
-                         f"‖BᵀB − I‖_max = {err:.3g} ≥ {schema.BASIS_ORTHONORMAL_TOL}")
+                         f"‖BᵀB − I‖_max = {err:.3g} ≥ {BASIS_ORTHONORMAL_TOL}")
     return b
 
 

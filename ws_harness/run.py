@@ -50,6 +50,14 @@ class RunSession:
             return RunResults(errors={"<run>": f"{type(exc).__name__}: {exc}"})
 
     # ---- hooks -------------------------------------------------------------------------
+    @pytest.hookimpl(trylast=True)  # after -k/-m deselection: preflight only what will run
+    def pytest_collection_modifyitems(
+        self, session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+    ) -> None:
+        from ws_harness.collect import check_inputs
+
+        check_inputs(session, config, items)
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         """xdist controller: gather each worker's results."""
@@ -67,6 +75,7 @@ class RunSession:
         if results is not None:
             self._add(results)
         if self.results is not None and not self.results.empty:
+            self.results = self.results.ordered()  # one order, however many workers
             write_tables(self.results, self.harness.config.out)
             self._write_reports(self.results)
 

@@ -32,11 +32,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from ws_harness import scores
+from ws_harness import linalg, scores
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -88,7 +88,9 @@ ALPHA = 0.01  # one-sided p < ALPHA after Benjamini–Hochberg across all claims
 # 1.4–2.2× too often when one label direction dominates (invariants/test_null_invariants.py).
 # The Beta p stays in the tables as p_*_beta.
 P_METHOD = "saddlepoint"
-BASIS_ORTHONORMAL_TOL = 1e-4  # claim 1: ‖BᵀB − I‖_max in float32
+# claim 1: ‖BᵀB − I‖_max in float32; defined in linalg so that modules computing cached
+# forward-pass products (attribution, retention) need not import the schema.
+BASIS_ORTHONORMAL_TOL = linalg.BASIS_ORTHONORMAL_TOL
 # An oracle (a ceiling with oracle_of=metric) sits at its own optimum and beats the null widely.
 ORACLE_PCT_MIN = 1 - 1e-4
 ORACLE_MIN_R = 2.0
@@ -105,7 +107,7 @@ CI_METRIC = "r_act"  # the bootstrap CI over EVAL prompts (r_act_ci_lo/hi) is of
 SCATTER_AXES = ("r_act", "r_w_combined")  # the joint scatter (SPEC §7): x, y
 
 ClaimStatus = Literal["held", "refuted", "surprise", "stale"]
-MetricKind = Literal["recovery", "linear", "layer", "derived", "measured"]
+MetricKind = Literal["recovery", "linear", "tested", "layer", "derived", "measured"]
 Column = Literal["r", "z", "pct_oracle"]
 
 
@@ -135,6 +137,9 @@ class Metric:
     target: Callable[[DiffTargets, int], scores.Target | None] | None = None
     per_layer: Callable[[Tensor, DiffTargets, int], float] | None = None
     derive: Callable[[dict[str, Any]], float] | None = None
+    # tested metrics: per_layer(B, targets, layer, scope) -> (r, p) and
+    # summarize(bases, targets, used layers, scope) -> (mean r, z, p), each with its own null.
+    summarize: Callable[..., tuple[float, float, float]] | None = None
     axes: tuple[str, ...] = AXIS_KINDS
     claim_axes: tuple[str, ...] = ()
     gate: bool = False
@@ -147,18 +152,18 @@ class Metric:
     interval: bool = False
 
     def __post_init__(self) -> None:
-        needs = {"recovery": "target", "linear": "target", "layer": "per_layer",
-                 "derived": "derive", "measured": None}
+        needs = {"recovery": "target", "linear": "target", "tested": "summarize",
+                 "layer": "per_layer", "derived": "derive", "measured": None}
         if self.kind not in needs:
             raise ValueError(f"metric {self.name!r}: kind {self.kind!r} is not one of {list(needs)}")
         if needs[self.kind] is not None and getattr(self, needs[self.kind]) is None:
             raise ValueError(f"metric {self.name!r}: a {self.kind} metric needs {needs[self.kind]}=")
-        if self.has_null and not self.name.startswith("r_"):
+        if self.has_p and not self.name.startswith("r_"):
             raise ValueError(f"{self.kind} metric {self.name!r}: its name must start with 'r_'")
         if self.kind == "linear" and not self.fraction:
             raise ValueError(f"linear metric {self.name!r}: name its fraction column (fraction=)")
-        if self.claim_axes and not self.has_null:
-            raise ValueError(f"metric {self.name!r}: only metrics with a null make claims")
+        if self.claim_axes and not self.has_p:
+            raise ValueError(f"metric {self.name!r}: only metrics with a p-value make claims")
         unknown = sorted((set(self.axes) | set(self.claim_axes)) - set(AXIS_KINDS))
         if unknown:
             raise ValueError(f"metric {self.name!r}: unknown axis kinds {unknown}; use {AXIS_KINDS}")
@@ -170,20 +175,25 @@ class Metric:
 
     @property
     def stem(self) -> str:
-        return self.name[2:] if self.has_null else self.name
+        return self.name[2:] if self.has_p else self.name
 
     @property
     def has_null(self) -> bool:
-        """Whether it has z and p columns (the exact nulls of SPEC §4 and §4.1)."""
+        """Whether it has the exact random-subspace null of SPEC §4/§4.1 (and a Ky Fan oracle)."""
         return self.kind in ("recovery", "linear")
 
     @property
+    def has_p(self) -> bool:
+        """Whether it has z and p columns: the exact nulls, or a tested metric's own null."""
+        return self.has_null or self.kind == "tested"
+
+    @property
     def z(self) -> str | None:
-        return f"z_{self.stem}" if self.has_null else None
+        return f"z_{self.stem}" if self.has_p else None
 
     @property
     def p(self) -> str | None:
-        return f"p_{self.stem}" if self.has_null else None
+        return f"p_{self.stem}" if self.has_p else None
 
     @property
     def p_beta(self) -> str | None:
@@ -202,6 +212,8 @@ class Metric:
             return [self.name, self.z, self.p, self.pct_oracle]  # type: ignore[list-item]
         if self.kind == "linear":
             return [self.name, self.fraction]  # type: ignore[list-item]
+        if self.kind == "tested":
+            return [self.name, self.p]  # type: ignore[list-item]
         return [self.name] if self.kind == "layer" else []
 
     def summary_columns(self) -> list[str]:
@@ -210,6 +222,8 @@ class Metric:
             return [self.name, self.z, self.p, self.p_beta, self.pct_oracle]  # type: ignore[list-item]
         if self.kind == "linear":
             return [self.name, self.fraction, self.z, self.p, self.pct_oracle]  # type: ignore[list-item]
+        if self.kind == "tested":
+            return [self.name, self.z, self.p]  # type: ignore[list-item]
         if self.interval:
             return [self.name, f"{self.name}_lo", f"{self.name}_hi"]
         return [self.name]
@@ -222,22 +236,54 @@ def _overlap_w(B: Tensor, targets: DiffTargets, layer: int) -> float:
     return scores.diff_overlap(B, targets.w_combined[layer])
 
 
-def _r_w_struct(B: Tensor, targets: DiffTargets, layer: int) -> float:
-    # Monte Carlo draws inside the span of the layer's base [W_o | W_down], seeded by the layer.
-    target = targets.w_combined[layer]
-    if not targets.write_weights or target is None:
-        return math.nan
-    return scores.structured_recovery(B, target, targets.write_weights[layer],
-                                      n_samples=STRUCTURED_SAMPLES, generator=layer).r_struct
+def _structured_layer(B: Tensor, targets: DiffTargets, layer: int,
+                      scope: str) -> tuple[float, float]:
+    # r_w_struct_l = E/mean_j E_j against draws Q_j = orth((W_lW_lᵀ)^{1/2} Z_j) (SPEC §4), and
+    # the Monte Carlo p = (1 + #{E_j ≥ E})/(n + 1) from the same draws.
+    draws = targets.structured(layer, scope)
+    if draws is None or B.shape[1] > draws.k_max:
+        return math.nan, math.nan
+    return scores.structured_test(B, targets.w_combined[layer], draws)
 
 
-def _r_act_specific(B: Tensor, targets: DiffTargets, layer: int) -> float:
+def _structured_summary(bases: Sequence[Tensor | None], targets: DiffTargets, used: list[int],
+                        scope: str) -> tuple[float, float, float]:
+    layers = [l for l in used if targets.w_combined[l] is not None
+              and (draws := targets.structured(l, scope)) is not None
+              and bases[l].shape[1] <= draws.k_max]  # type: ignore[union-attr]
+    if not layers:
+        return math.nan, math.nan, math.nan
+    mean_r, p = scores.structured_layer_mean([bases[l] for l in layers],
+                                             [targets.w_combined[l] for l in layers],
+                                             [targets.structured(l, scope) for l in layers])
+    return mean_r, math.nan, p  # a Monte Carlo p has no exact z
+
+
+def _specific_layer(B: Tensor, targets: DiffTargets, layer: int,
+                    scope: str) -> tuple[float, float]:
+    # R_act of B with the top-k clean FIT PCs removed from basis and labels; exact null of a
+    # Haar subspace of the complement (saddlepoint p).
     if not targets.clean_pcs:
-        return math.nan
-    return scores.specificity(B, targets.labels[layer], targets.clean_pcs[layer]).r
+        return math.nan, math.nan
+    s = scores.specificity(B, targets.labels[layer], targets.clean_pcs[layer],
+                           p_method="saddlepoint")
+    return s.r, s.p
 
 
-STRUCTURED_SAMPLES = 128  # Monte Carlo draws per layer for the structured null
+def _specific_summary(bases: Sequence[Tensor | None], targets: DiffTargets, used: list[int],
+                      scope: str) -> tuple[float, float, float]:
+    if not targets.clean_pcs:
+        return math.nan, math.nan, math.nan
+    s = scores.specificity_summary([bases[l] for l in used], [targets.labels[l] for l in used],
+                                   [targets.clean_pcs[l] for l in used],
+                                   "global" if scope == "global" else "per_layer")
+    return s.mean_r, s.z, s.p
+
+
+# Monte Carlo draws per layer for the structured null's p-value: its floor is 1/(n + 1) =
+# 2.5e-4, far below the BH thresholds its claims meet; the draws are cached per diff.
+STRUCTURED_SAMPLES = 4000
+STRUCTURED_MAX_RANK_FACTOR = 2  # draws serve bases up to 2k (unions); wider ones score NaN
 
 _WRITE_MIXED = ("write", "mixed")
 _REGISTRY: dict[str, Metric] = {}
@@ -289,10 +335,13 @@ for _entry in (
            target=lambda t, l: t.w_combined[l], claim_axes=_WRITE_MIXED, gate=True,
            rank_beside=True, terminal=("r", "z"), heatmap=True),
     Metric("overlap_w", "overlap with w_oracle", "layer", short="overlap", per_layer=_overlap_w),
-    Metric("r_w_struct", "R_w vs structured null", "layer", short="w_struct",
-           per_layer=_r_w_struct, axes=_WRITE_MIXED),
-    Metric("r_act_specific", "R_act specific", "layer", short="act_spec",
-           per_layer=_r_act_specific, axes=_WRITE_MIXED),
+    # SPEC §6 claim 4: beyond the isotropic null (a structured null; the clean PCs removed).
+    Metric("r_w_struct", "R_w vs structured null", "tested", short="w_struct",
+           per_layer=_structured_layer, summarize=_structured_summary, axes=_WRITE_MIXED,
+           claim_axes=_WRITE_MIXED, gate=True),
+    Metric("r_act_specific", "R_act specific", "tested", short="act_spec",
+           per_layer=_specific_layer, summarize=_specific_summary, axes=_WRITE_MIXED,
+           claim_axes=_WRITE_MIXED, gate=True, rank_beside=True),
     Metric("act_w_gap_log2", "log2(R_act/R_w_combined)", "derived", short="gap",
            derive=lambda s: scores.act_w_gap_log2(s["r_act"], s["r_w_combined"])),
 ):
@@ -428,11 +477,12 @@ def fingerprint() -> dict[str, Any]:
     Part of every score cache key, so registering a metric (or editing its function) never
     returns summaries without it.
     """
-    out: dict[str, Any] = {"p_method": P_METHOD, "structured_samples": STRUCTURED_SAMPLES}
+    out: dict[str, Any] = {"p_method": P_METHOD, "structured_samples": STRUCTURED_SAMPLES,
+                           "structured_max_rank_factor": STRUCTURED_MAX_RANK_FACTOR}
     for m in metrics():
-        fn = m.target or m.per_layer or m.derive
-        if fn is not None:  # measured metrics are keyed by their own cache entries
-            out[m.name] = [m.kind, list(m.axes), _source_hash(fn)]
+        fns = [f for f in (m.target, m.per_layer, m.summarize, m.derive) if f is not None]
+        if fns:  # measured metrics are keyed by their own cache entries
+            out[m.name] = [m.kind, list(m.axes), *(_source_hash(f) for f in fns)]
     return out
 
 

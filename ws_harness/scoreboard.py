@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ws_harness import __version__, retention, schema
+from ws_harness import __version__, guard, retention, schema
 from ws_harness.cache import code_version, worker_order
 from ws_harness.hypothesis import (
     Acts,
@@ -20,10 +21,17 @@ from ws_harness.hypothesis import (
     HypothesisError,
     broad_rank_for,
     check_bases,
+    split_columns,
 )
 from ws_harness.linalg import pca_basis
 from ws_harness.scores import benjamini_hochberg
-from ws_harness.scoring import DiffTargets, score_bases
+from ws_harness.scoring import (
+    DiffTargets,
+    EnergyDraws,
+    defined_layers_column,
+    score_bases,
+    structured_energy_table,
+)
 
 if TYPE_CHECKING:
     from ws_harness.diffs import Diff
@@ -52,6 +60,9 @@ class Scoreboard:
         self._bases: dict[str, list[torch.Tensor | None]] = {}
         self._targets: dict[str, DiffTargets] = {}
         self._scores: dict[tuple[str, str], dict[str, Any]] = {}
+        self._ceiling_contexts: dict[str, CeilingContext] = {}
+        self._columns: dict[str, list[dict[str, float]]] = {}
+        self._structured: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
     def register(self, hyp: Hypothesis) -> None:
         if hyp.name in self.hypotheses and self.hypotheses[hyp.name].module != hyp.module:
@@ -77,10 +88,18 @@ class Scoreboard:
         return FitContext(BaseWeights(session.arch), acts, session.config.rank, tokens, first,
                           session.answer_ids)
 
+    @cached_property
+    def fit_inputs(self) -> list[str]:
+        """Fingerprints (cache keys) of the captures a FitContext is made of."""
+        s = self.session
+        return [s.capture_key("fit", c, "mlp") for c in ("clean", "positive", "negative")] + [
+            s.capture_key("fit", c, "tokens") for c in ("positive", "negative")]
+
     def _basis_parts(self, hyp: Hypothesis, seed: str | None) -> dict[str, Any]:
+        # Keyed by the data the basis is built from (model, captures) as well as by its code.
         return self.session.cache_parts(
             hypothesis=hyp.name, scope=hyp.scope, code=code_version(hyp.build),
-            k=self.session.config.rank, seed=seed,
+            k=self.session.config.rank, seed=seed, inputs=self.fit_inputs,
         )
 
     @cached_property
@@ -92,6 +111,8 @@ class Scoreboard:
 
     def run_inputs(self) -> dict[str, Any]:
         """What the run used, exactly enough to reproduce or re-score it elsewhere (inputs.json)."""
+        from ws_harness.merge import record_settings
+
         session, cfg = self.session, self.session.config
         behaviour = session.behaviour
         diffs = []
@@ -108,7 +129,10 @@ class Scoreboard:
             "ws_harness_version": __version__,
             "model": {"spec": cfg.model, "fingerprint": session.loaded.fingerprint,
                       "source": session.loaded.source},
-            "diff": {"mode": "build" if cfg.builds_diffs else "files", "diffs": diffs},
+            "diff": {"mode": ("build" if cfg.builds_diffs else
+                              "adapters" if cfg.adapter_diffs else "files"),
+                     "adapter_family": cfg.adapter if cfg.builds_diffs else None,
+                     "diffs": diffs},
             "rank": cfg.rank, "broad_rank": broad_rank_for(session.arch.d_model),
             "n_layers": session.arch.n_layers, "d_model": session.arch.d_model,
             "behaviour": {"name": behaviour.name, "source": behaviour.source,
@@ -118,6 +142,9 @@ class Scoreboard:
             "prompts": {split: behaviour.probes(split) for split in ("fit", "eval")},
             "rendered_prompts": {split: session.probes(split).texts for split in ("fit", "eval")},
             "hypotheses": sorted(self.hypotheses),
+            "settings": record_settings(self),  # what decides the numbers (merge checks it)
+            # The BH family: this run's hypotheses plus the catalog's uncollected ones.
+            "bh_family": sorted({*self.hypotheses, *self.catalog} - set(self.errors)),
         }
 
     def diff(self, name: str) -> Diff:
@@ -141,6 +168,7 @@ class Scoreboard:
 
         def build() -> dict[str, torch.Tensor]:
             ctx = self.fit if diff_name is None else self.ceiling_context(diff_name)
+            before = guard.versions(ctx)
             with self.session.timed("bases"):
                 try:
                     with torch.no_grad():
@@ -154,10 +182,23 @@ class Scoreboard:
                     raise HypothesisError(
                         f"hypothesis {hyp.name!r}: builder raised {type(exc).__name__}: {exc}"
                     ) from exc
+                finally:
+                    self._check_unedited(hyp, before)
+            raw, columns = split_columns(hyp, raw, n_layers)
             checked = check_bases(hyp, raw, n_layers, d)
+            limit = self.session.config.rank * hyp.rank_factor
+            too_wide = [l for l, b in enumerate(checked) if b is not None and b.shape[1] > limit]
+            if too_wide:
+                raise HypothesisError(
+                    f"hypothesis {hyp.name!r}: basis rank {checked[too_wide[0]].shape[1]} at "
+                    f"layer {too_wide[0]} exceeds {limit} (k={self.session.config.rank} × "
+                    f"rank_factor={hyp.rank_factor}); return at most {limit} directions"
+                )
+            extra = {f"column:{name}:layer{l}": torch.tensor(v, dtype=torch.float64)
+                     for l, cols in enumerate(columns) for name, v in cols.items()}
             if hyp.scope == "global":
-                return {"global": checked[0]}
-            return {f"layer{l}": b for l, b in enumerate(checked) if b is not None}
+                return {"global": checked[0], **extra}
+            return {f"layer{l}": b for l, b in enumerate(checked) if b is not None} | extra
 
         try:
             stored = self.session.cache.get_or_build_tensors(
@@ -171,14 +212,47 @@ class Scoreboard:
             bases = [stored["global"]] * n_layers
         else:
             bases = [stored.get(f"layer{l}") for l in range(n_layers)]
+        columns: list[dict[str, float]] = [{} for _ in range(n_layers)]
+        for key, value in stored.items():
+            if key.startswith("column:"):
+                _, name, layer = key.split(":")
+                columns[int(layer.removeprefix("layer"))][name] = float(value)
         self._bases[memo] = bases
+        self._columns[memo] = columns
         return bases
 
+    def columns(self, hyp: Hypothesis, diff_name: str | None = None) -> list[dict[str, float]]:
+        """The per-layer columns the builder reported with its bases (split_columns)."""
+        self.bases(hyp, diff_name)
+        return self._columns[hyp.name if diff_name is None else f"{hyp.name}@{diff_name}"]
+
+    def _check_unedited(self, hyp: Hypothesis, before: dict[str, Any]) -> None:
+        """Refuse a builder that edited its context in place; later builders get a fresh one."""
+        changed = guard.edited(before)
+        if not changed:
+            return
+        # What the builder saw is corrupt in memory (the cache on disk is not): drop every
+        # in-memory copy so the next hypothesis reads clean data again.
+        self.__dict__.pop("fit", None)
+        self._ceiling_contexts.clear()
+        self._targets.clear()
+        self.session.forget_loaded()
+        shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+        raise HypothesisError(
+            f"hypothesis {hyp.name!r} ({hyp.file or hyp.module}): its builder modified {shown} "
+            "in place; builders must not change what other hypotheses see. Work on a copy "
+            "(X = X - X.mean(0), not X -= X.mean(0); or X = X.clone())"
+        )
+
     def ceiling_context(self, diff_name: str) -> CeilingContext:
-        diff = self.diff(diff_name)
-        labels = self.session.labels(diff)
-        return CeilingContext(self.fit, labels["eval"], labels["fit"], self.deltas(diff),
-                              causal=self.causal_matrices(diff_name, "write"))
+        """The CeilingContext of one diff (one per diff and process, like the FitContext)."""
+        if diff_name not in self._ceiling_contexts:
+            diff = self.diff(diff_name)
+            labels = self.session.labels(diff)
+            self._ceiling_contexts[diff_name] = CeilingContext(
+                self.fit, labels["eval"], labels["fit"], self.deltas(diff),
+                causal=self.causal_matrices(diff_name, "write"))
+        return self._ceiling_contexts[diff_name]
 
     def causal_matrices(self, diff_name: str, side: str) -> list[torch.Tensor | None]:
         """The attribution matrices C_l of one diff (SPEC §4.1), per layer (None: untouched)."""
@@ -209,8 +283,35 @@ class Scoreboard:
                 clean_pcs=[pca_basis(clean[l], k) for l in range(arch.n_layers)],
                 causal=self.causal_matrices(diff_name, "write"),
                 causal_read=self.causal_matrices(diff_name, "read"),
+                structured_draws=lambda layer, scope: self.structured_draws(
+                    diff_name, layer, scope),
             )
         return self._targets[diff_name]
+
+    def structured_draws(self, diff_name: str, layer: int, scope: str) -> EnergyDraws | None:
+        """The structured null of one layer (SPEC §4), one cache entry per diff and scope.
+
+        Seeds: layer l draws with seed l for per-layer bases (independent layers) and every
+        layer with seed 0 for global bases (one shared random subspace, as the §4 global null).
+        """
+        key = (diff_name, scope)
+        if key not in self._structured:
+            diff, targets = self.diff(diff_name), self.targets(diff_name)
+            k_max = self.session.config.rank * schema.STRUCTURED_MAX_RANK_FACTOR
+
+            def build() -> dict[str, torch.Tensor]:
+                with self.session.timed("structured_null"):
+                    return {f"layer{l}": structured_energy_table(
+                        targets.w_combined[l], targets.write_weights[l].double(), k_max,
+                        schema.STRUCTURED_SAMPLES, l if scope == "per_layer" else 0)
+                        for l in targets.touched if targets.w_combined[l] is not None}
+
+            self._structured[key] = self.session.cache.get_or_build_tensors(
+                "structured_null", self.session.cache_parts(
+                    diff=diff.sha256, scope=scope, k_max=k_max, n=schema.STRUCTURED_SAMPLES),
+                build, producer=structured_energy_table)
+        table = self._structured[key].get(f"layer{layer}")
+        return None if table is None else EnergyDraws(table, self.session.arch.d_model)
 
     def identity(self, hyp: Hypothesis, diff_name: str) -> dict[str, Any]:
         """The identity columns (schema.ID_COLUMNS) of a hypothesis's rows on one diff."""
@@ -232,9 +333,13 @@ class Scoreboard:
             parts["metrics"] = schema.fingerprint()
 
             def build() -> dict[str, Any]:
-                bases = self.bases(hyp, diff_name if hyp.is_ceiling else None)
+                which = diff_name if hyp.is_ceiling else None
+                bases = self.bases(hyp, which)
                 with self.session.timed("scores"):
-                    return score_bases(bases, self.targets(diff_name), hyp.axis, hyp.scope)
+                    core = score_bases(bases, self.targets(diff_name), hyp.axis, hyp.scope)
+                for row, columns in zip(core["rows"], self.columns(hyp, which), strict=True):
+                    row.update(columns)  # the builder's own per-layer columns
+                return core
 
             core = self.session.cache.get_or_build_json(
                 "scores", parts, build, producer=score_bases
@@ -246,37 +351,58 @@ class Scoreboard:
             }
         return self._scores[key]
 
-    def all_scores(self) -> dict[tuple[str, str], dict[str, Any]]:
-        """Scores of every registered, buildable hypothesis for every diff."""
-        jobs = [(n, d) for n in sorted(self.hypotheses) for d in self.diff_names]
+    def all_scores(self, family: bool = False) -> dict[tuple[str, str], dict[str, Any]]:
+        """Scores of every registered, buildable hypothesis for every diff (with `family`: also
+        of the catalog's hypotheses this run did not collect, for the BH family)."""
+        pool = {**self.catalog, **self.hypotheses} if family else self.hypotheses
+        jobs = [(n, d) for n in sorted(pool) for d in self.diff_names]
         out = {}
         for name, diff_name in worker_order(jobs):
             if name in self.errors:
                 continue
             try:
-                out[(name, diff_name)] = self.scores(self.hypotheses[name], diff_name)
+                out[(name, diff_name)] = self.scores(pool[name], diff_name)
             except HypothesisError:
                 continue
         return dict(sorted(out.items()))
 
     @cached_property
+    def catalog(self) -> dict[str, Hypothesis]:
+        """The hypotheses of the catalog folders (those of the collected files) that this run
+        did not collect: a run of one file is judged in the same BH family as the full sweep."""
+        from ws_harness.hypothesis import catalog_hypotheses
+
+        folders = sorted({Path(h.file).parent for h in self.hypotheses.values() if h.file})
+        known = {h.file for h in self.hypotheses.values()}
+        found, problems = catalog_hypotheses(folders, skip=known)
+        for name, message in problems.items():
+            self.errors.setdefault(name, message)
+        return {n: h for n, h in found.items() if n not in self.hypotheses}
+
+    @cached_property
     def claims(self) -> dict[tuple[str, str, str], dict[str, Any]]:
         """(hypothesis, diff name, claim) → value, z, raw p, BH-adjusted p, holds.
 
-        BH runs over every claim of every non-ceiling hypothesis in the run (SPEC §6); the
-        rule (which claims, ALPHA, holds) is schema's.
+        BH runs over every claim of every non-ceiling hypothesis of the catalog (SPEC §6):
+        the collected ones and those of `catalog`, so selecting files does not change a
+        verdict. Only the collected hypotheses' claims are returned. The rule (which claims,
+        ALPHA, holds) is schema's.
         """
         entries = []
-        for (name, diff_name), result in self.all_scores().items():
+        family = {**self.catalog, **self.hypotheses}
+        for (name, diff_name), result in self.all_scores(family=True).items():
             s = result["summary"]
-            for claim in self.hypotheses[name].claims():
+            for claim in family[name].claims():
                 m = schema.metric(claim)
-                entries.append((name, diff_name, claim, s[claim], s[m.p], s[m.z]))
+                entries.append((name, diff_name, claim, s[claim], s[m.p], s[m.z],
+                                s.get(defined_layers_column(claim))))
         adjusted = benjamini_hochberg([e[4] for e in entries]) if entries else []
         out = {}
-        for (name, diff_name, claim, value, p, z), p_adj in zip(entries, adjusted):
+        for (name, diff_name, claim, value, p, z, n_layers), p_adj in zip(entries, adjusted):
+            if name not in self.hypotheses:
+                continue  # in the family, not in this run
             out[(name, diff_name, claim)] = {
-                "value": value, "z": z, "p": p, "p_adj": float(p_adj),
+                "value": value, "z": z, "p": p, "p_adj": float(p_adj), "n_layers": n_layers,
                 "holds": schema.holds(value, float(p_adj)),
             }
         return out

@@ -16,14 +16,19 @@ from .linalg import DEFAULT_RTOL, complement, left_basis, orthonormalize, valida
 from .linalg import overlap as _overlap
 from .nulls import (
     DEFAULT_MC_SAMPLES,
+    DEFAULT_STRUCTURED_P_SAMPLES,
     DEFAULT_STRUCTURED_SAMPLES,
+    StructuredDraws,
     beta_p_value,
     layer_mean_saddlepoint_p_value,
     mc_p_value,
     monte_carlo_null,
     null_moments,
     saddlepoint_p_value,
+    shared_complement_layer_mean_p_value,
+    shared_complement_weights,
     structured_null,
+    structured_null_draws,
     sum_sq64,
 )
 
@@ -39,6 +44,10 @@ __all__ = [
     "mean_spectrum",
     "recovery",
     "structured_recovery",
+    "structured_reference",
+    "structured_test",
+    "structured_layer_mean",
+    "specificity_summary",
     "oracle_basis",
     "oracle_energy",
     "pct_oracle",
@@ -444,6 +453,86 @@ def structured_recovery(
     )
 
 
+def structured_reference(
+    target: Target | None,
+    W: Tensor,
+    k_max: int,
+    *,
+    n_samples: int = DEFAULT_STRUCTURED_P_SAMPLES,
+    generator: torch.Generator | int = 0,
+) -> StructuredDraws | None:
+    """One layer's structured-null draws (``nulls.structured_null_draws``), for every rank ≤ k_max.
+
+    Depends on the diff's target A_l and the base W_l = [W_o | W_down] only: build it once per
+    (diff, layer) and pass it to ``structured_test`` / ``structured_layer_mean`` for every
+    basis. Seeds: distinct per layer (e.g. ``generator=layer``) for per-layer bases, one seed
+    for all layers (e.g. ``generator=0``) for a global basis — the shared draw is then the
+    structured analogue of the §4 global null. None for an untouched layer (target None).
+    """
+    _check_target(target)
+    if target is None:
+        return None
+    return structured_null_draws(W, target.factor, k_max, n_samples, generator)
+
+
+def structured_test(
+    B: Tensor, target: Target | None, draws: StructuredDraws | None
+) -> tuple[float, float]:
+    """(r_w_struct, p) of basis B [d, k] against one layer's structured null.
+
+    With E = tr(BᵀAB) and the n structured draws E_j (rank k = B's rank):
+    r_w_struct = E / μ̂, μ̂ = mean_j E_j (1 = no better than random subspaces shaped like W), and
+    p = (1 + #{j: E_j ≥ E}) / (n + 1), the Monte Carlo one-sided p of "r_w_struct > 1"
+    (valid at any n; its floor is 1/(n + 1)). (NaN, NaN) for an untouched layer.
+    """
+    _check_target(target)
+    d = int(B.shape[0]) if isinstance(B, Tensor) and B.ndim == 2 else -1
+    validate_basis(B, target.d if target is not None else d)
+    if target is None or draws is None:
+        return math.nan, math.nan
+    if draws.d != target.d:
+        raise ValueError(f"draws live in d={draws.d}, the target in d={target.d}")
+    e = target.energy(B)
+    samples = draws.energies(int(B.shape[1]))
+    mean = float(samples.mean())
+    return (e / mean if mean > 0 else math.nan), mc_p_value(samples, e)
+
+
+def structured_layer_mean(
+    bases: Sequence[Tensor | None],
+    targets: Sequence[Target | None],
+    draws: Sequence[StructuredDraws | None],
+) -> tuple[float, float]:
+    """(mean_l r_w_struct_l, p) over the layers with a basis, a target and draws.
+
+    obs = mean_l E_l(B_l)/μ̂_l; the null draw j is T_j = mean_l E_lj/μ̂_l (draw j of every layer),
+    and p = (1 + #{j: T_j ≥ obs})/(n + 1). Whether the layers are independent (per-layer
+    basis) or share one random subspace (global basis) is set by how the draws were seeded
+    (``structured_reference``). Every layer's draws must have the same n. (NaN, NaN) if no
+    layer is defined.
+    """
+    if not (len(bases) == len(targets) == len(draws)):
+        raise ValueError(
+            f"need one basis, target and draws per layer, got {len(bases)}, {len(targets)}, "
+            f"{len(draws)}"
+        )
+    obs, null = [], []
+    for B, t, dr in zip(bases, targets, draws, strict=True):
+        _check_target(t)
+        if B is None or t is None or dr is None:
+            continue
+        validate_basis(B, t.d)
+        samples = dr.energies(int(B.shape[1]))
+        mean = float(samples.mean())
+        obs.append(t.energy(B) / mean)
+        null.append(samples / mean)
+    if not obs:
+        return math.nan, math.nan
+    if len({int(x.numel()) for x in null}) != 1:
+        raise ValueError("every layer's structured draws need the same n_samples")
+    return float(np.mean(obs)), mc_p_value(torch.stack(null).mean(0), float(np.mean(obs)))
+
+
 def _require_target(target: object, what: str) -> Target:
     _check_target(target)
     if target is None:
@@ -499,28 +588,17 @@ def diff_overlap(B: Tensor, target: Target | None, k_w: int | None = None) -> fl
     return _overlap(B, B_w.to(B.dtype))
 
 
-def specificity(
-    B: Tensor,
-    X: Tensor,
-    clean_pcs: Tensor,
-    *,
-    rtol: float = DEFAULT_RTOL,
-    p_method: PMethod = "beta",
-) -> Score:
-    """R_act of B after removing the top clean PCs C [d, k_clean] from both samples and basis.
-
-    Everything is expressed in coordinates of the complement Q = complement(C) [d, d'],
-    d' = d − k_clean: samples x_i → Qᵀx_i (then renormalised as usual), basis → orth(QᵀB)
-    with rank detection (directions of B inside span(C) are dropped), and the null is the
-    d'-dimensional one. A basis entirely inside span(C) scores undefined (NaN, k = 0).
-    ``clean_pcs`` with zero columns means no removal (plain recovery).
-    """
+def _specific_parts(
+    B: Tensor, X: Tensor, clean_pcs: Tensor, rtol: float
+) -> tuple[Tensor, Target, Tensor | None]:
+    """(B_s, A'_s, Q): basis and target in the complement's coordinates, and Q [d, d'] (None:
+    no clean PCs, so no removal and d' = d)."""
     X = _check_2d(X, "X", "[n, d]")
     d = X.shape[1]
     validate_basis(B, d)
     C = _check_2d(clean_pcs, "clean_pcs", "[d, k_clean]")
     if C.shape[1] == 0:
-        return recovery(B, activation_target(X), p_method=p_method)
+        return B, activation_target(X), None
     validate_basis(C, d, name="clean_pcs")
     if C.shape[1] >= d:
         raise ValueError(
@@ -538,9 +616,104 @@ def specificity(
             "they have no specific component to score (drop them or use fewer clean PCs)"
         )
     Bs = orthonormalize(Q.T @ B.to(dtype), rtol, atol=rtol)  # B orthonormal: its scale is 1
+    return Bs, activation_target(Xs), Q
+
+
+def specificity(
+    B: Tensor,
+    X: Tensor,
+    clean_pcs: Tensor,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    p_method: PMethod = "beta",
+) -> Score:
+    """R_act of B after removing the top clean PCs C [d, k_clean] from both samples and basis.
+
+    Everything is expressed in coordinates of the complement Q = complement(C) [d, d'],
+    d' = d − k_clean: samples x_i → Qᵀx_i (then renormalised as usual), basis → orth(QᵀB)
+    with rank detection (directions of B inside span(C) are dropped), and the null is the
+    d'-dimensional one. A basis entirely inside span(C) scores undefined (NaN, k = 0).
+    ``clean_pcs`` with zero columns means no removal (plain recovery).
+
+    The claim "r_act_specific > 1" (SPEC §6, claim 4) per layer is ``.r`` with ``.p`` from
+    ``p_method="saddlepoint"``: the exact null of a Haar k_s-dim subspace of R^{d'}
+    (k_s = rank of orth(QᵀB)) against A'_s = mean_i x̂'_i x̂'_iᵀ, x'_i = Qᵀx_i — so
+    p = P(tr(P A'_s) ≥ E_s) by ``nulls.saddlepoint_p_value`` on A'_s's spectrum. This is
+    calibrated for the question asked: Qᵀ of a Haar subspace of R^d is Haar in R^{d'}.
+    Layer means: ``specificity_summary``.
+    """
+    Bs, target, _ = _specific_parts(B, X, clean_pcs, rtol)
     if Bs.shape[1] == 0:
-        return Score.undefined(k=0, d=Q.shape[1])
-    return recovery(Bs, activation_target(Xs), p_method=p_method)
+        return Score.undefined(k=0, d=target.d)
+    return recovery(Bs, target, p_method=p_method)
+
+
+def specificity_summary(
+    bases: Sequence[Tensor | None],
+    Xs: Sequence[Tensor],
+    clean_pcs: Sequence[Tensor],
+    basis_kind: BasisKind = "per_layer",
+    *,
+    rtol: float = DEFAULT_RTOL,
+) -> LayerSummary:
+    """Layer mean of r_act_specific with the p-value of "r_act_specific > 1" (SPEC §6, claim 4).
+
+    Per layer l (bases[l] None: skipped): B_s,l, A'_l and R_l as in ``specificity``; undefined
+    layers (basis inside the clean PCs) are excluded. mean_r = mean_l R_l.
+
+    per_layer (an independent Haar subspace per layer, as for R_act): the summary null is
+    ``summarize_layers(..., "per_layer", p_method="saddlepoint")`` on the complement targets,
+    i.e. ``nulls.layer_mean_saddlepoint_p_value`` (needs one d' = d − k_clean at every layer).
+    global (one Haar subspace span(G) ⊂ R^d shared by all layers, as the global R_act null):
+    each layer sees orth(Q_lᵀG), Haar in its own complement but coupled across layers, and
+    p = ``nulls.shared_complement_layer_mean_p_value`` (a chi-square linearisation exact in
+    variance per layer, with the cross-layer coupling through one G); null_sd_r from
+    Var ≈ 2k·Σ c_i². A global basis whose rank differs between layers' complements (a basis
+    direction inside some layer's clean PCs) falls back to the per-layer null
+    (p_method "saddlepoint_per_layer_fallback"). One layer: both reduce to
+    ``nulls.saddlepoint_p_value`` in the complement.
+    """
+    if basis_kind not in ("per_layer", "global"):
+        raise ValueError(f"basis_kind must be 'per_layer' or 'global', got {basis_kind!r}")
+    if not (len(bases) == len(Xs) == len(clean_pcs)):
+        raise ValueError(
+            f"need one basis, X and clean_pcs per layer, got {len(bases)}, {len(Xs)}, "
+            f"{len(clean_pcs)}"
+        )
+    scores_, targets_, comps = [], [], []
+    for B, X, C in zip(bases, Xs, clean_pcs, strict=True):
+        if B is None:
+            continue
+        Bs, t, Q = _specific_parts(B, X, C, rtol)
+        if Bs.shape[1] == 0:
+            continue
+        scores_.append(recovery(Bs, t, p_method="saddlepoint"))
+        targets_.append(t)
+        comps.append(Q)
+    if not scores_:
+        nan = math.nan
+        return LayerSummary(basis_kind, 0, nan, nan, nan, nan, nan, nan, "none")
+    ks = {s.k for s in scores_}
+    if basis_kind == "per_layer" or len(scores_) == 1 or len(ks) != 1:
+        summ = summarize_layers(scores_, targets_, "per_layer", p_method="saddlepoint")
+        if basis_kind == "global" and len(ks) != 1:
+            return LayerSummary(basis_kind, summ.n_layers, summ.mean_r, summ.mean_e,
+                                summ.null_mean_r, summ.null_sd_r, summ.z, summ.p,
+                                "saddlepoint_per_layer_fallback")
+        return LayerSummary(basis_kind, summ.n_layers, summ.mean_r, summ.mean_e,
+                            summ.null_mean_r, summ.null_sd_r, summ.z, summ.p, summ.p_method)
+    k = ks.pop()
+    d = int(Xs[0].shape[1])
+    eye = torch.eye(d, dtype=torch.float64)
+    Qs = [eye if Q is None else Q for Q in comps]
+    factors = [t.factor for t in targets_]
+    mean_r = float(np.mean([s.r for s in scores_]))
+    mean_e = float(np.mean([s.e for s in scores_]))
+    w = shared_complement_weights(factors, Qs, k)
+    sd_r = math.sqrt(2.0 * k * float(np.sum(w**2)))
+    p = shared_complement_layer_mean_p_value(mean_r, factors, Qs, k)
+    return LayerSummary(basis_kind, len(scores_), mean_r, mean_e, 1.0, sd_r,
+                        _z(mean_r, 1.0, sd_r), p, "saddlepoint_shared")
 
 
 def bootstrap_r_act_ci(

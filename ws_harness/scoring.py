@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from ws_harness.scores import (
     weight_target,
 )
 
-__all__ = ["DiffTargets", "score_bases"]
+__all__ = ["DiffTargets", "EnergyDraws", "score_bases", "structured_energy_table"]
 
 
 @dataclass
@@ -49,7 +49,20 @@ class DiffTargets:
     clean_pcs: list[torch.Tensor] = field(default_factory=list)
     causal: list[torch.Tensor | None] = field(default_factory=list)
     causal_read: list[torch.Tensor | None] = field(default_factory=list)
+    # (layer, scope) -> structured-null draws (SPEC §4): given by the caller, who caches them
+    # on disk; None: r_w_struct is NaN.
+    structured_draws: Callable[[int, str], Any] | None = field(default=None, repr=False)
     _eigen: dict[str, list[torch.Tensor | None]] = field(default_factory=dict, repr=False)
+    _structured: dict[tuple[int, str], Any] = field(default_factory=dict, repr=False)
+
+    def structured(self, layer: int, scope: str) -> Any:
+        """The structured-null draws of one layer for a per-layer or global basis (memoised)."""
+        if self.structured_draws is None or self.w_combined[layer] is None:
+            return None
+        key = (layer, "global" if scope == "global" else "per_layer")
+        if key not in self._structured:
+            self._structured[key] = self.structured_draws(*key)
+        return self._structured[key]
 
     def eigenvalues(self, metric: str) -> list[torch.Tensor | None]:
         """Eigenvalues of a linear metric's C_l per layer, computed once per diff (not per basis)."""
@@ -66,6 +79,7 @@ class DiffTargets:
         touched: Sequence[int], write_weights: Sequence[torch.Tensor] = (),
         clean_pcs: Sequence[torch.Tensor] = (), causal: Sequence[torch.Tensor | None] = (),
         causal_read: Sequence[torch.Tensor | None] = (),
+        structured_draws: Callable[[int, str], Any] | None = None,
     ) -> DiffTargets:
         """Targets from labels [L, n, d] and the diff's {(layer, role): ΔW} (roles 'o', 'down')."""
         n_layers = labels.shape[0]
@@ -84,7 +98,42 @@ class DiffTargets:
             clean_pcs=list(clean_pcs),
             causal=list(causal),
             causal_read=list(causal_read),
+            structured_draws=structured_draws,
         )
+
+
+@dataclass(frozen=True)
+class EnergyDraws:
+    """Stored structured-null draws of one layer: E_j(k) for k = 1..k_max, table [k_max, n].
+
+    What ``nulls.StructuredDraws.energies(k)`` gives, kept as a small table so a cache entry
+    holds it (the draws' [n, k_max, k_max] Gram blocks would be 100× larger).
+    """
+
+    table: torch.Tensor
+    d: int
+
+    @property
+    def n(self) -> int:
+        return int(self.table.shape[1])
+
+    @property
+    def k_max(self) -> int:
+        return int(self.table.shape[0])
+
+    def energies(self, k: int) -> torch.Tensor:
+        if not 1 <= k <= self.k_max:
+            raise ValueError(f"k={k} must be in [1, k_max={self.k_max}]")
+        return self.table[k - 1]
+
+
+def structured_energy_table(target: Target, W: torch.Tensor, k_max: int, n_samples: int,
+                            seed: int) -> torch.Tensor:
+    """[k_max, n] energies of the structured null for one layer (scores.structured_reference)."""
+    from ws_harness.scores import structured_reference
+
+    draws = structured_reference(target, W, k_max, n_samples=n_samples, generator=seed)
+    return torch.stack([draws.energies(k) for k in range(1, k_max + 1)])
 
 
 def _mean_defined(values: Sequence[float]) -> float:
@@ -119,6 +168,8 @@ def score_bases(
         applies = m.applies_to(axis)
         if m.kind == "linear":
             _linear(m, bases, targets, rows, summary, used if applies else [], kind)
+        elif m.kind == "tested":
+            _tested(m, bases, targets, rows, summary, used if applies else [], kind)
         elif m.kind == "recovery":
             per_layer: list[tuple[Score, Target | None]] = []
             for l, B in enumerate(bases):
@@ -133,6 +184,7 @@ def score_bases(
                 rows[l][m.pct_oracle] = (math.nan if B is None or not applies
                                          else pct_oracle(B, target))
             summary.update(_summarize(m, per_layer, kind))
+            summary[defined_layers_column(m.name)] = sum(t is not None for _, t in per_layer)
             summary[m.pct_oracle] = _mean_defined([rows[l][m.pct_oracle] for l in used])
         else:
             for l, B in enumerate(bases):
@@ -152,6 +204,31 @@ def score_bases(
         if m.kind == "derived":
             summary[m.name] = m.derive(summary) if m.applies_to(axis) else math.nan
     return {"rows": rows, "summary": summary}
+
+
+def _tested(m: schema.Metric, bases: Sequence[torch.Tensor | None], targets: DiffTargets,
+            rows: list[dict[str, Any]], summary: dict[str, Any], used: list[int],
+            kind: str) -> None:
+    """A metric with its own null (schema kind "tested"): r and p per layer, the summary's
+    mean r, z and p from the metric's summarize()."""
+    for row in rows:
+        row.update({m.name: math.nan, m.p: math.nan})
+    defined = []
+    for l in used:
+        r, p = m.per_layer(bases[l], targets, l, kind)  # type: ignore[misc]
+        rows[l].update({m.name: r, m.p: p})
+        if not math.isnan(r):
+            defined.append(l)
+    values = m.summarize(bases, targets, defined, kind) if defined else (math.nan,) * 3  # type: ignore[misc]
+    summary.update(dict(zip((m.name, m.z, m.p), values, strict=True)))
+    summary[defined_layers_column(m.name)] = len(defined)
+
+
+def defined_layers_column(metric: str) -> str:
+    """The summary column counting the touched layers where `metric` is defined (0: the diff
+    gives it nothing to score, e.g. R_causal_read of a diff without read-side deltas, or
+    R_causal where the deltas at the basis's layers carry no steering at first order)."""
+    return f"n_layers_{metric}"
 
 
 def _linear(m: schema.Metric, bases: Sequence[torch.Tensor | None], targets: DiffTargets,
@@ -181,6 +258,8 @@ def _linear(m: schema.Metric, bases: Sequence[torch.Tensor | None], targets: Dif
             c_l = total.c_lin_layers[l]
             rows[l].update({m.name: c_l * d / bases[l].shape[1], m.fraction: c_l})
     summary.update(dict(zip(m.summary_columns(), values, strict=True)))
+    # Undefined (no target, or Σ tr C ≤ 0 over the basis's layers): no layer counts.
+    summary[defined_layers_column(m.name)] = len(layers) if math.isfinite(values[0]) else 0
 
 
 def _summarize(m: schema.Metric, pairs: list[tuple[Score, Target | None]], kind: str) -> dict:

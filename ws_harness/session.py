@@ -21,7 +21,10 @@ if TYPE_CHECKING:
     from ws_harness.diffs import Diff
     from ws_harness.steering import SteeringCurve
 
-__all__ = ["HarnessSession", "Condition", "CaptureKind", "ATTRIBUTION_NODES"]
+__all__ = [
+    "HarnessSession", "InputError", "Condition", "CaptureKind", "ATTRIBUTION_NODES",
+    "check_rank", "max_rank",
+]
 
 # Gauss–Legendre nodes of the path average θ + t·w, t ∈ [−1, 1]. Measured on the default
 # model's seed-0 diff: 4 nodes miss S(w) by 28 %, 8 by 3.5 %, 16 by 0.1 % (at ~4 s per node);
@@ -30,6 +33,28 @@ ATTRIBUTION_NODES = 8
 
 Condition = Literal["clean", "positive", "negative"]
 CaptureKind = Literal["last", "mlp", "tokens"]
+
+
+class InputError(ValueError):
+    """An input of the run (model, behaviour, rank, diff) is unusable; reported once per run."""
+
+
+def max_rank(d_model: int) -> int:
+    """The largest k a run may use: d/4, so a random k-subspace leaves R room (R ≤ d/k = 4 at the
+    bound) and a union of three rank-k bases still fits in d."""
+    return max(1, d_model // 4)
+
+
+def check_rank(config: HarnessConfig, d_model: int) -> None:
+    """Refuse a rank that leaves no room for a null (every basis would be the whole space)."""
+    bound = max_rank(d_model)
+    if config.rank > bound:
+        source = config.sources.get("rank", "the default rank")
+        raise InputError(
+            f"{source}: rank {config.rank} is too large for model {config.model!r} "
+            f"(d_model = {d_model}): k must be at most d/4 = {bound} to leave room for a "
+            f"random-subspace null; pass --ws-rank {bound} or less"
+        )
 
 
 class HarnessSession:
@@ -91,6 +116,38 @@ class HarnessSession:
         )
         return tokenize_prompts(self.tokenizer, rendered)
 
+    def preflight(self) -> None:
+        """Check every input a run needs before any item runs; raises InputError naming it.
+
+        Model (loads, has a chat template), behaviour data, the rank against the model's width,
+        and diff files (read and validated; built diffs are checked when they are built).
+        """
+        cfg = self.config
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            (f"model {cfg.model!r}", lambda: self.arch),
+            (f"behaviour {cfg.behaviour!r}", lambda: self.behaviour.probes("fit")),
+            (f"rank {cfg.rank}", lambda: check_rank(cfg, self.arch.d_model)),
+        ]
+        if cfg.adapter_diffs:
+            from ws_harness.adapters import read_adapter_config
+
+            steps += [(f"adapter folder {folder}", lambda folder=folder: read_adapter_config(folder))
+                      for pair in cfg.diff  # type: ignore[union-attr]
+                      for _, folder in pair.sides()]
+        elif not cfg.builds_diffs:
+            from ws_harness.diffs import load_diff
+
+            steps += [(f"diff file {path}", lambda path=path: load_diff(path, self.arch))
+                      for path in cfg.diff]  # type: ignore[union-attr]
+        for what, check in steps:
+            try:
+                check()
+            except InputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure here is that input's
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise InputError(f"{what}: {type(exc).__name__}: {detail}") from exc
+
     # ---- captures ----------------------------------------------------------------------
     def model_key(self) -> dict[str, Any]:
         """What identifies the model's weights in cache keys."""
@@ -114,12 +171,18 @@ class HarnessSession:
         probes = self.probes(split, condition)
         with self.timed("captures"):
             return self.cache.get_or_build_tensors(
-                "capture",
-                self.cache_parts(split=split, condition=condition, kind=kind,
-                                 batch_size=capture.BATCH_SIZE),
-                producers[kind],
+                "capture", self._capture_parts(split, condition, kind), producers[kind],
                 producer=capture.capture_last_token,
             )
+
+    def _capture_parts(self, split: str, condition: Condition, kind: CaptureKind) -> dict[str, Any]:
+        return self.cache_parts(split=split, condition=condition, kind=kind,
+                                batch_size=capture.BATCH_SIZE)
+
+    def capture_key(self, split: str, condition: Condition, kind: CaptureKind) -> str:
+        """The cache key of a capture: a fingerprint of the data it holds, without loading it."""
+        return self.cache.key("capture", self._capture_parts(split, condition, kind),
+                              capture.capture_last_token)
 
     # ---- diffs and labels (SPEC §2.3, §3) ----------------------------------------------
     @cached_property
@@ -131,15 +194,16 @@ class HarnessSession:
 
     def build_diff(
         self, seed: int, recipe: str | None = None, hparams: Any = None, *,
-        progress: bool = True, use_cache: bool = True,
+        progress: bool = True, use_cache: bool = True, family: str | None = None,
     ) -> Diff:
-        """`lora.build_diff` on this session's model and behaviour, cached in its cache."""
+        """`lora.build_diff` on this session's model and behaviour, cached in its cache;
+        `family` (default: the configured adapter family) picks PEFT's config."""
         from ws_harness.lora import DEFAULT_RECIPE, build_diff
 
         return build_diff(
             self.model, self.tokenizer, self.arch, self.behaviour, seed,
             recipe or DEFAULT_RECIPE, hparams, cache=self.cache if use_cache else None,
-            model_key=self.model_key(), progress=progress,
+            model_key=self.model_key(), progress=progress, family=family or self.config.adapter,
         )
 
     def diffs(self) -> list[Diff]:
@@ -158,12 +222,19 @@ class HarnessSession:
                 seeds = list(self.config.seeds)
                 built = {seed: self.build_diff(seed) for seed in worker_order(seeds)}
                 diffs = [built[seed] for seed in seeds]
+            elif self.config.adapter_diffs:
+                from ws_harness.adapters import load_adapter_diffs
+
+                diffs = load_adapter_diffs(self.config.diff, self.model, self.arch,
+                                           cache=self.cache, model_key=self.model_key(),
+                                           expected_base=self.config.model)
             else:
                 diffs = [load_diff(path, self.arch) for path in self.config.diff]
             names = [name for name, _ in self.config.diff_plan()]
             diffs = [_replace(d, name=n) for d, n in zip(diffs, names, strict=True)]
             for diff in diffs:
-                check_steers(self.steering(diff), diff.name)
+                # The source names the file, adapter folders or family of a diff that fails.
+                check_steers(self.steering(diff), f"{diff.name} ({diff.source})")
         self._diffs = diffs
         return list(diffs)
 
@@ -210,7 +281,8 @@ class HarnessSession:
                 torch.set_num_threads(threads)
             out: dict[str, torch.Tensor] = {}
             for side in ("write", "read"):
-                Cs = attribution.causal_matrices(deltas, grads.grads, self.arch.n_layers, side)
+                Cs = attribution.causal_matrices(deltas, grads.grads, self.arch.n_layers, side,
+                                                 read_gains=self._read_gains(deltas))
                 out.update({f"{side}{l}": C.double() for l, C in enumerate(Cs) if C is not None})
             out["s_linear"] = torch.tensor(float(grads.s_linear), dtype=torch.float64)
             out["s_measured"] = torch.tensor(self.steering(diff).effect, dtype=torch.float64)
@@ -225,6 +297,18 @@ class HarnessSession:
                 build, producer=attribution.path_gradients,
             )
         return self._attribution[diff.sha256]
+
+    def _read_gains(self, deltas: Any) -> dict[tuple[int, str], torch.Tensor]:
+        """γ of the RMSNorm each touched read role reads through (attn for q/k/v, mlp else)."""
+        from ws_harness.arch import NORM_OF_ROLE
+
+        return {(l, r): self.arch.norm_gain(l, NORM_OF_ROLE[r]).detach().clone()
+                for (l, r) in deltas if r in NORM_OF_ROLE}
+
+    def forget_loaded(self) -> None:
+        """Drop the in-memory diffs and labels (reloaded from the cache on next use)."""
+        self._diffs = None
+        self._labels.clear()
 
     def labels(self, diff: Diff) -> dict[str, torch.Tensor]:
         """B-side labels (SPEC §3): label[l] = h(α=+1) − h(α=−1), the residual after block l at
@@ -253,6 +337,7 @@ class HarnessSession:
                 self.cache_parts(diff=diff.sha256, alphas=[1.0, -1.0],
                                  batch_size=capture.BATCH_SIZE),
                 build,
-                producer=capture.capture_last_token,  # what computes them; the diff is in the key
+                # what computes them (weight_steer applies the diff; the diff is in the key)
+                producer=(capture.capture_last_token, weight_steer),
             )
         return memo[diff.sha256]

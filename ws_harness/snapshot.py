@@ -31,8 +31,11 @@ the diff files' tensor fingerprints) for diff files, ``<behaviour>`` the shipped
    below it), ``SPREAD_FACTOR = 2`` (with three seeds the IQR is half the seed range, so the
    allowance is the full range of the recorded seeds) and, for ``R_act``, ``CI`` = the median
    over seeds of the half-width of the bootstrap 95% CI over EVAL prompts (half of it for
-   ``joint``, which is the geometric mean with the exact ``R_w``). The larger of the recorded
-   and the current tolerance applies. A move is ``|log2(new median / recorded median)| > tol``.
+   ``joint``, which is the geometric mean with the exact ``R_w``). The *recorded* tolerance
+   applies (a run with noisier seeds must not widen its own allowance). A move is
+   ``|log2(new median / recorded median)| > tol``, and the same for each seed's value against
+   its recorded value (one seed collapsing can leave the median in place). Every claim's
+   metric is gated, so this is also the value band of claims recorded as refuted.
 2. *A resolved order flipped.* Two hypotheses of one table whose recorded seed ranges of the
    ranking key (``joint``; ``R_act`` for read-side) do not overlap, with a gap wider than the
    floor, have a resolved order; the current medians reversing it is a regression. Orders
@@ -115,7 +118,7 @@ __all__ = [
     "RankingGateItem",
 ]
 
-FORMAT = 1
+FORMAT = 2  # 2: per-seed values of every gated score
 SNAPSHOT_DIRNAME = "snapshots"
 SPREAD_FACTOR = 2.0
 TOLERANCE_FLOOR_LOG2 = 0.15
@@ -269,6 +272,10 @@ def build_record(results: RunResults) -> OrderedDict:
             entry[f"{score}_range"] = ([_round_for(score, min(values), tol),
                                         _round_for(score, max(values), tol)] if values else None)
             entry[_tol_key(score)] = tol
+            # Each seed too: one diff collapsing can leave the median where it was.
+            entry[f"{score}_seeds"] = OrderedDict(
+                (str(d), _round_for(score, v, tol) if v is not None and math.isfinite(v) else None)
+                for d, v in sorted(zip(rows["diff"].to_list(), rows[score].to_list())))
         entry["n_seeds"] = row["n_seeds"]
         hypotheses[name] = entry
     seed_taus: OrderedDict = OrderedDict()
@@ -389,9 +396,21 @@ class Comparison:
         return out + [f"  {t}" for t in self.tau_failures]
 
 
-def _tol(old: dict[str, Any], new: dict[str, Any], score: str) -> float:
-    key, floor = _tol_key(score), _floor(score)
-    return max(old.get(key) or floor, new.get(key) or floor)
+def _tol(old: dict[str, Any], score: str) -> float:
+    """The recorded tolerance: a run with noisier seeds must not widen its own allowance."""
+    return old.get(_tol_key(score)) or _floor(score)
+
+
+def _how(score: str, shift: float, tol: float) -> str:
+    return (f"×{2 ** shift:.3g}; seed spread allows ×/÷{2 ** tol:.3g}" if _is_log(score)
+            else f"{shift:+.3g}; seed spread allows ±{tol:.3g}")
+
+
+def _seed_pairs(old: dict[str, Any], new: dict[str, Any],
+                score: str) -> list[tuple[str, tuple[float | None, float | None]]]:
+    """(diff, (recorded, current)) for each seed both records hold."""
+    a, b = old.get(f"{score}_seeds") or {}, new.get(f"{score}_seeds") or {}
+    return [(d, (a[d], b[d])) for d in a if d in b]
 
 
 def compare(old: dict[str, Any], new: dict[str, Any], errors: dict[str, str] | None = None,
@@ -435,7 +454,7 @@ def compare(old: dict[str, Any], new: dict[str, Any], errors: dict[str, str] | N
             if score not in o:  # a metric added after the snapshot was recorded
                 unrecorded.add(score)
                 continue
-            a, b, tol = o.get(score), n.get(score), _tol(o, n, score)
+            a, b, tol = o.get(score), n.get(score), _tol(o, score)
             if a is None and b is None:
                 continue
             if a is None or b is None:
@@ -446,9 +465,17 @@ def compare(old: dict[str, Any], new: dict[str, Any], errors: dict[str, str] | N
             if score == key:
                 moved[name] = abs(shift) / tol
             if abs(shift) > tol:
-                how = (f"×{2 ** shift:.3g}; seed spread allows ×/÷{2 ** tol:.3g}" if _is_log(score)
-                       else f"{shift:+.3g}; seed spread allows ±{tol:.3g}")
-                add(name, f"{schema.label(score)} {_fmt(a)} → {_fmt(b)} ({how})")
+                add(name, f"{schema.label(score)} {_fmt(a)} → {_fmt(b)} ({_how(score, shift, tol)})")
+                continue
+            for seed, (sa, sb) in _seed_pairs(o, n, score):
+                if sa is None or sb is None:
+                    if sa is not sb:
+                        add(name, f"{schema.label(score)} on {seed}: {_fmt(sa)} → {_fmt(sb)}")
+                    continue
+                seed_shift = _t(score, sb) - _t(score, sa)
+                if abs(seed_shift) > tol:
+                    add(name, f"{schema.label(score)} on {seed}: {_fmt(sa)} → {_fmt(sb)} "
+                              f"({_how(score, seed_shift, tol)}; the median moved less)")
     for name in new_h:
         if name not in old_h:
             result.notes.append(f"{name}: new, not in the snapshot (re-record to include it)")
