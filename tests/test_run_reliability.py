@@ -245,7 +245,8 @@ def test_tables_do_not_depend_on_the_worker_count_and_say_what_ran(
     for entry, path in zip(inputs["diff"]["diffs"], tiny_diff_files, strict=True):
         assert entry["fingerprint"] == load_diff(path, tiny.arch).sha256
     # timings.json: seconds per phase of the one process
-    assert set(timings) == {"main"} and timings["main"]["scores"] > 0
+    # (one key: "main", or the outer xdist worker's name, which the subprocess inherits)
+    assert len(timings) == 1 and next(iter(timings.values()))["scores"] > 0
     # claims: one row per hypothesis × diff × claim; holds is the schema's rule on p_adj
     assert len(claims) == 2 * 2 * 5
     for row in claims:

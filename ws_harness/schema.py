@@ -6,7 +6,7 @@ rank keys, the terminal table, the snapshot gate's scores, the report's heatmap 
 claims an axis kind makes. Adding a metric is one :func:`register` call plus its compute
 function (see README, "Adding a metric").
 
-Four kinds of metric:
+Six kinds of metric:
 
 * ``recovery`` — E(B) = tr(BᵀAB) against a per-layer target A (SPEC §4) with the exact
   random-subspace null: per-layer and summary columns ``r_<stem>``, ``z_<stem>``, ``p_<stem>``
@@ -18,6 +18,11 @@ Four kinds of metric:
   symmetric, possibly indefinite d×d matrix C_l; c = Σ_l tr(B_lᵀC_lB_l)/Σ_l tr(C_l) (column
   ``fraction``, e.g. ``c_lin``), R = c / its exact null mean, with ``z_<stem>``, ``p_<stem>``
   and ``pct_oracle_<stem>`` (the Ky Fan optimum: top-k eigenvectors of C_l).
+* ``tested`` — a per-layer score with its own null (SPEC §6 claim 4: R_w_struct against the
+  structured null, R_act_specific in the complement of the clean PCs):
+  ``per_layer(B, targets, layer, scope) -> (r, p)`` and ``summarize(bases, targets, layers,
+  scope) -> (mean r, z, p)``; columns ``r_<stem>``, ``p_<stem>`` per layer and ``r_<stem>``,
+  ``z_<stem>``, ``p_<stem>`` in the summary (no oracle: it has no Ky Fan optimum).
 * ``derived`` — a function ``derive(summary)`` of the other summary columns.
 * ``measured`` — measured with the model outside the scoring core (the keep/drop steering
   retention of SPEC §4.1, ``ws_harness.retention``); ``interval`` adds ``<name>_lo``/``_hi``.

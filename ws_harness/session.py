@@ -233,8 +233,7 @@ class HarnessSession:
             names = [name for name, _ in self.config.diff_plan()]
             diffs = [_replace(d, name=n) for d, n in zip(diffs, names, strict=True)]
             for diff in diffs:
-                # The source names the file, adapter folders or family of a diff that fails.
-                check_steers(self.steering(diff), f"{diff.name} ({diff.source})")
+                check_steers(self.steering(diff), diff.name)
         self._diffs = diffs
         return list(diffs)
 
