@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ws_harness import attribution as at
 from ws_harness import retention as rt
+from ws_harness.cache import one_thread
 from ws_harness.nulls import haar_bases
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny-model forwards on a loaded 2-core machine are ~50× slower with 2 threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.mark.parametrize("scale", [0.02])

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
+from ws_harness.cache import one_thread as torch_one_thread
 from ws_harness.diffs import weight_steer
 from ws_harness.nulls import haar_bases
 from ws_harness.retention import (
@@ -38,12 +39,8 @@ def assert_bitwise_equal(model: torch.nn.Module, before: dict[str, torch.Tensor]
 def one_thread() -> Iterator[None]:
     """The tiny model's ops are far too small to gain from intra-op threads, and on a shared,
     busy CPU every OpenMP barrier can wait a scheduler slice (≈ 50× slower); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_one_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

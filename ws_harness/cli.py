@@ -178,10 +178,8 @@ def _diff_build(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr,
                                    "rank": args.lora_rank}.items() if v is not None}
-    session = _session(args)
-    problem = _model_problem(session)
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
+    session = _loaded_session(args)
+    if session is None:
         return EXIT_INVALID
     diff = session.build_diff(args.seed, args.recipe, overrides or None, progress=args.progress,
                               family=args.adapter)
@@ -197,6 +195,16 @@ def _diff_build(args: argparse.Namespace) -> int:
     save_diff(diff, args.out)
     print(f"wrote {args.out}")
     return EXIT_OK
+
+
+def _loaded_session(args: argparse.Namespace) -> HarnessSession | None:
+    """The command's session with its model loaded, or None after printing why it cannot load."""
+    session = _session(args)
+    problem = _model_problem(session)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return None
+    return session
 
 
 def _show_and_check(session: HarnessSession, diff: Diff) -> Exception | None:
@@ -230,10 +238,8 @@ def _diff_check(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         print(f"error: invalid diff: diff file {args.file} does not exist", file=sys.stderr)
         return EXIT_INVALID
-    session = _session(args)
-    problem = _model_problem(session)
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
+    session = _loaded_session(args)
+    if session is None:
         return EXIT_INVALID
     try:
         diff = load_diff(args.file, session.arch)
@@ -257,10 +263,8 @@ def _adapters_check(args: argparse.Namespace) -> int:
     except AdapterError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_INVALID
-    session = _session(args)
-    problem = _model_problem(session)
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
+    session = _loaded_session(args)
+    if session is None:
         return EXIT_INVALID
     try:
         diffs = load_adapter_diffs(pairs, session.model, session.arch, cache=session.cache,

@@ -267,17 +267,12 @@ class HarnessSession:
                   if (parsed := self.arch.parse_param_name(name)) is not None}
 
         def build() -> dict[str, torch.Tensor]:
-            # One thread, as for diffs: the gradients' reduction order then does not depend on
-            # which process built the entry.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                # S(w) itself is the steering check's ±1 contrast: no second measurement.
-                grads = attribution.path_gradients(
-                    self.model, self.arch, self.probes("eval"), self.answer_ids, diff.w,
-                    n_nodes=ATTRIBUTION_NODES, measure=False)
-            finally:
-                torch.set_num_threads(threads)
+            # Runs on one thread (the cache builds every entry so): the gradients' reduction
+            # order then does not depend on which process built the entry.
+            # S(w) itself is the steering check's ±1 contrast: no second measurement.
+            grads = attribution.path_gradients(
+                self.model, self.arch, self.probes("eval"), self.answer_ids, diff.w,
+                n_nodes=ATTRIBUTION_NODES, measure=False)
             out: dict[str, torch.Tensor] = {}
             for side in ("write", "read"):
                 Cs = attribution.causal_matrices(deltas, grads.grads, self.arch.n_layers, side,
