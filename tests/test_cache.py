@@ -222,7 +222,7 @@ def test_keys_follow_the_producers_import_closure(tmp_path: Path, monkeypatch: p
         assert "basis" in changed[module], module
     assert "steering" in changed["ws_harness.diffs"]
     for module in ("ws_harness.report", "ws_harness.cli", "ws_harness.findings",
-                   "ws_harness.plugin"):
+                   "ws_harness.plugin", "ws_harness.cache"):
         assert changed[module] == set(), module
     assert "basis" not in changed["ws_harness.retention"]
     assert "capture" not in changed["ws_harness.scores"]

@@ -158,9 +158,16 @@ def _direct_imports(name: str) -> frozenset[str]:
     return frozenset(_package_imports(ast.parse(path.read_text(encoding="utf-8")), name))
 
 
+# Modules that store and look up entries but compute none of their numbers: editing them
+# (locking, manifests, progress) must not turn every entry cold. The format of what they
+# store is versioned by CACHE_FORMAT instead, which is part of every key.
+STORAGE_MODULES = frozenset({f"{_PACKAGE}.cache", f"{_PACKAGE}.progress"})
+
+
 @functools.cache
 def _closure(name: str) -> frozenset[str]:
-    """`name`, every package module it imports transitively, and their parent packages."""
+    """`name`, every package module it imports transitively, and their parent packages
+    (less STORAGE_MODULES, whose code does not change what an entry holds)."""
     seen: set[str] = set()
     todo = [name]
     while todo:
@@ -172,7 +179,7 @@ def _closure(name: str) -> frozenset[str]:
         parent = current.rpartition(".")[0]
         if parent:  # importing ws_harness.x runs ws_harness/__init__.py first
             todo.append(parent)
-    return frozenset(seen)
+    return frozenset(seen - STORAGE_MODULES)
 
 
 @functools.cache
