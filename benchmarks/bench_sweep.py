@@ -1,12 +1,21 @@
-"""Benchmark the sweep (`pytest hypotheses/ -n 4`): wall time and peak memory, cold and warm.
+"""Profile the sweep (`pytest hypotheses/`): wall, per-phase wall and CPU, and peak memory.
 
-Cold runs against an empty cache (model conversion, diff builds, captures, bases, scores);
-warm reruns with that cache (scores read back). Peak memory is the largest sum of RSS over
-the pytest process tree, sampled every 0.2 s from /proc. The per-phase breakdown comes from
-each process's timings in the run's `timings.json` (seconds summed over xdist workers, so
-phases overlap in wall time).
+Each run is one `pytest hypotheses/ -n N` in a subprocess. Peak memory is the largest sum of
+RSS over the pytest process tree, sampled every 0.2 s from /proc; total CPU is the tree's
+user+system time (os.times' children fields: pytest and its reaped workers).
+Per-phase figures come from the run's timings.json: every process records wall seconds per
+phase and, under "<phase>.cpu", its CPU seconds; both are summed over processes here, so
+phases overlap in wall time and a phase's wall includes waiting for another worker's lock.
 
-    .venv/bin/python benchmarks/bench_sweep.py [--workers 4] [--keep-cache DIR]
+A run is `LABEL:MODE:WORKERS`: MODE is cold (a fresh, empty cache) or warm (the cache the
+previous run of that label left, or --cache); LABEL names a code version, `new` for this
+checkout or a git revision (checked out once into a temporary worktree and run with the same
+virtualenv), so before/after figures come from one invocation on one machine:
+
+    .venv/bin/python benchmarks/bench_sweep.py new:warm:4 new:warm:4 new:warm:0 \\
+        a2d687f:warm:4 --cache .ws-cache --markdown benchmarks/sweep.md
+
+Every run's JSON line goes to stdout; --markdown appends a table of all runs to a file.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("model", "diffs", "captures", "labels", "attribution", "bases", "structured_null",
+          "scores", "retention")
 
 
 def _children(pid: int) -> list[int]:
@@ -50,40 +61,95 @@ def _tree_rss_mib(root: int) -> float:
     return total / 1024
 
 
-def run(cache: Path, out: Path, workers: int) -> dict:
+def _phases(out: Path) -> dict[str, dict[str, float]]:
+    """{phase: {"wall": s, "cpu": s}} summed over the run's processes."""
+    totals: dict[str, dict[str, float]] = {}
+    path = out / "timings.json"
+    if not path.is_file():
+        return totals
+    for per_process in json.loads(path.read_text()).values():
+        for key, seconds in per_process.items():
+            phase, _, kind = key.partition(".")
+            slot = totals.setdefault(phase, {"wall": 0.0, "cpu": 0.0})
+            slot["cpu" if kind == "cpu" else "wall"] += seconds
+    return {k: {m: round(v, 1) for m, v in totals[k].items()} for k in sorted(totals)}
+
+
+def run(cwd: Path, cache: Path, out: Path, workers: int) -> dict:
     cmd = [sys.executable, "-m", "pytest", "hypotheses/", "-n", str(workers), "-q",
            "-p", "no:cacheprovider", f"--ws-cache-dir={cache}", f"--ws-out={out}"]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     peak = 0.0
     while proc.poll() is None:
         peak = max(peak, _tree_rss_mib(proc.pid))
         time.sleep(0.2)
     wall = time.perf_counter() - start
-    tail = proc.stdout.read().strip().splitlines()[-1] if proc.stdout else ""
-    phases: dict[str, float] = {}
-    timings = out / "timings.json"
-    if timings.is_file():
-        for per_process in json.loads(timings.read_text()).values():
-            for phase, seconds in per_process.items():
-                phases[phase] = phases.get(phase, 0.0) + seconds
+    lines = proc.stdout.read().strip().splitlines() if proc.stdout else []
     return {"wall_s": round(wall, 1), "peak_rss_mib": round(peak), "exit": proc.returncode,
-            "result": tail, "phases_s": {k: round(v, 1) for k, v in sorted(phases.items())}}
+            "result": lines[-1] if lines else "", "phases": _phases(out)}
+
+
+def _checkout(rev: str, tmp: Path) -> Path:
+    where = tmp / f"rev-{rev}"
+    if not where.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(where), rev], cwd=ROOT,
+                       check=True, capture_output=True)
+    return where
+
+
+def _markdown(rows: list[dict]) -> str:
+    head = ["run", "wall s", "CPU s", "peak RSS MiB", "result"] + [
+        f"{p} wall/CPU" for p in PHASES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["run"], f"{r['wall_s']:.1f}", f"{r['cpu_s']:.0f}", str(r["peak_rss_mib"]),
+                 r["result"].replace("|", "/")]
+        for p in PHASES:
+            got = r["phases"].get(p)
+            cells.append(f"{got['wall']:.0f} / {got['cpu']:.0f}" if got else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--keep-cache", type=Path, default=None,
-                        help="use (and keep) this cache dir instead of a temporary one")
+    parser.add_argument("runs", nargs="+", help="LABEL:MODE:WORKERS, e.g. new:cold:4")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="the cache of warm runs (default: the one the label's last run used)")
+    parser.add_argument("--markdown", type=Path, default=None, help="append a table to this file")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ws-bench-") as tmp:
-        cache = args.keep_cache or Path(tmp) / "cache"
-        for label in ("cold", "warm"):
-            result = run(cache, Path(tmp) / f"out-{label}", args.workers)
-            print(json.dumps({"run": label, "workers": args.workers, **result}))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ws-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        last_cache: dict[str, Path] = {}
+        for i, spec in enumerate(args.runs):
+            label, mode, workers = spec.split(":")
+            if mode not in ("cold", "warm"):
+                raise SystemExit(f"{spec}: MODE must be cold or warm")
+            cwd = ROOT if label == "new" else _checkout(label, tmp)
+            if mode == "cold":
+                cache = tmp / f"cache-{i}"
+            else:
+                cache = args.cache.resolve() if args.cache else last_cache.get(label, tmp / "none")
+            last_cache[label] = cache
+            before = os.times()
+            result = run(cwd, cache, tmp / f"out-{i}", int(workers))
+            after = os.times()
+            # children_user/system: CPU of every reaped descendant (pytest and its workers).
+            result["cpu_s"] = round((after.children_user - before.children_user)
+                                    + (after.children_system - before.children_system), 1)
+            row = {"run": spec, **result}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
             os.sync()
+        for label in {s.split(":")[0] for s in args.runs} - {"new"}:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tmp / f"rev-{label}")],
+                           cwd=ROOT, capture_output=True)
+    if args.markdown:
+        with open(args.markdown, "a", encoding="utf-8") as fh:
+            fh.write(_markdown(rows))
 
 
 if __name__ == "__main__":

@@ -393,3 +393,39 @@ def test_cli_regenerates_the_reports_from_the_tables(tmp_path: Path,
 def test_cli_explains_a_missing_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "results.json not found; run the sweep first" in capsys.readouterr().err
+
+
+def test_plots_are_redrawn_only_when_what_they_show_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import copy
+
+    from ws_harness import report
+
+    results = synthetic_run()
+    report.write_reports(results, tmp_path)
+    first = {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
+    assert len(first) >= 2
+
+    drawn: list[str] = []
+    for name in ("scatter_plot", "retention_agreement_plot", "layer_heatmap"):
+        real = getattr(report, name)
+        monkeypatch.setattr(report, name, lambda *a, _real=real, _n=name, **k: (
+            drawn.append(_n), _real(*a, **k))[1])
+    # Same results (timings differ: they are not plotted): nothing is drawn, the files stay.
+    rerun = copy.deepcopy(results)
+    rerun.timings = {"main": {"scores": 1.0}}
+    report.write_reports(rerun, tmp_path)
+    assert drawn == []
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.png")} == first
+    # A PNG damaged since is drawn again, and only that one.
+    (tmp_path / "layer_heatmap.png").write_bytes(b"not a png")
+    report.write_reports(rerun, tmp_path)
+    assert drawn == ["layer_heatmap"]
+    assert (tmp_path / "layer_heatmap.png").read_bytes() == first["layer_heatmap.png"]
+    # Changed results: every plot is drawn again.
+    drawn.clear()
+    changed = copy.deepcopy(results)
+    changed.summaries[0] = {**changed.summaries[0], "r_act": 123.0}
+    report.write_reports(changed, tmp_path)
+    assert sorted(drawn) == sorted(["scatter_plot", "retention_agreement_plot", "layer_heatmap"])

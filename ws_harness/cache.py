@@ -25,7 +25,7 @@ import torch
 from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
-from ws_harness import __version__
+from ws_harness import __version__, progress
 
 __all__ = [
     "CacheWarning",
@@ -395,7 +395,8 @@ class DiskCache:
     folder is removed at the next access. A `filelock` per entry makes concurrent workers wait
     for the one builder instead of building again, and says after WAIT_NOTICE_S which process
     they are waiting for. An entry that fails its manifest check or fails to load is reported
-    with a CacheWarning naming it, removed and rebuilt, never trusted.
+    with a CacheWarning naming it, removed and rebuilt, never trusted. Each build, and each entry
+    returned, is reported to :mod:`ws_harness.progress` (phase: the kind; key: the entry's key).
     """
 
     def __init__(self, root: Path | str) -> None:
@@ -480,9 +481,12 @@ class DiskCache:
         self._sweep_tmp(kind)
         if final.is_dir():
             try:
-                return self._load(final, load)
+                value = self._load(final, load)
             except Exception:  # noqa: BLE001 - re-checked under the lock below
                 pass
+            else:
+                progress.done(kind, key)  # the status line counts entries read as well as built
+                return value
         final.parent.mkdir(parents=True, exist_ok=True)
         with self._locked(kind, key):
             # Holding the lock, no one else is building this entry: its tmp folders are debris.
@@ -490,7 +494,7 @@ class DiskCache:
                 shutil.rmtree(stale, ignore_errors=True)
             if final.is_dir():
                 try:
-                    return self._load(final, load)
+                    value = self._load(final, load)
                 except Exception as exc:  # noqa: BLE001 - any load failure means rebuild
                     problem = str(exc) if isinstance(exc, _DamagedEntry) else (
                         f"failed to load ({type(exc).__name__}: {' '.join(str(exc).split())})")
@@ -500,8 +504,12 @@ class DiskCache:
                         stacklevel=2,
                     )
                     shutil.rmtree(final, ignore_errors=True)
+                else:
+                    progress.done(kind, key)  # another process built it while we waited
+                    return value
             tmp = final.parent / f".{key}.tmp-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
+            progress.begin(kind, key)
             try:
                 with one_thread():
                     build(tmp)
@@ -513,8 +521,31 @@ class DiskCache:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+            finally:
+                progress.end(kind, key)
             self.builds.append(f"{kind}/{key}")
-            return load(final)
+            value = load(final)
+            progress.done(kind, key)
+            return value
+
+    def lookup(
+        self, kind: str, parts: dict[str, Any], load: Callable[[Path], T], producer: Producer,
+    ) -> T | None:
+        """`load(entry_dir)` of an existing, intact entry, or None; never builds, never waits.
+
+        For callers that can skip expensive set-up (loading a model) when the entry is there;
+        a missing or damaged entry is left to get_or_build_* to report and rebuild.
+        """
+        key = self.key(kind, parts, producer)
+        final = self.path(kind, key)
+        if not final.is_dir():
+            return None
+        try:
+            value = self._load(final, load)
+        except Exception:  # noqa: BLE001 - the build path re-checks, warns and rebuilds
+            return None
+        progress.done(kind, key)
+        return value
 
     def get_or_build_tensors(
         self,

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true",
                        help="write the file even if the diff fails the steering check (exit 1)")
     build.add_argument("--no-progress", dest="progress", action="store_false",
-                       help="hide the training progress bars")
+                       help="hide the progress line (model conversion, training steps) on stderr")
     _add_common(build)
 
     check = diff_commands.add_parser(
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ws_harness.merge import add_merge_parser
 
     add_merge_parser(commands)
+    from ws_harness.compare import add_compare_parser
+
+    add_compare_parser(commands)
     return parser
 
 
@@ -168,6 +171,7 @@ def _print_curve(curve: SteeringCurve) -> None:
 
 
 def _diff_build(args: argparse.Namespace) -> int:
+    from ws_harness import progress
     from ws_harness.diffs import DIFF_SUFFIXES, save_diff
 
     if args.out.suffix not in DIFF_SUFFIXES:
@@ -178,11 +182,16 @@ def _diff_build(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr,
                                    "rank": args.lora_rank}.items() if v is not None}
-    session = _loaded_session(args)
-    if session is None:
-        return EXIT_INVALID
-    diff = session.build_diff(args.seed, args.recipe, overrides or None, progress=args.progress,
-                              family=args.adapter)
+    # The same status line as a sweep's, around what can take minutes: converting the model,
+    # training each side; it is finished before the diagnostics are printed.
+    with progress.rendering(enabled=args.progress) as renderer:
+        if renderer is not None:
+            progress.expect("diff", 1)
+        session = _loaded_session(args)
+        if session is None:
+            return EXIT_INVALID
+        diff = session.build_diff(args.seed, args.recipe, overrides or None,
+                                  progress=args.progress, family=args.adapter)
     failure = _show_and_check(session, diff)
     if failure is not None:
         if args.force:
@@ -287,6 +296,12 @@ def _merge(args: argparse.Namespace) -> int:
     return run_merge(args)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from ws_harness.compare import run_compare
+
+    return run_compare(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `ws-harness`; returns the exit code (0 ok, 1 does not steer, 2 invalid)."""
     from ws_harness.config import ConfigError
@@ -294,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {("diff", "build"): _diff_build, ("diff", "check"): _diff_check,
                 ("report", None): _report, ("findings", None): _findings,
-                ("merge", None): _merge}
+                ("merge", None): _merge, ("compare", None): _compare}
     try:
         return handlers[(args.command, getattr(args, "diff_command", None))](args)
     except ConfigError as exc:

@@ -12,7 +12,7 @@ import copy
 import json
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from ws_harness import progress as run_progress
 from ws_harness.arch import ROLES, Architecture
 from ws_harness.cache import DiskCache, content_hash
 from ws_harness.data import Behaviour, render_chat, tokenize_prompts
@@ -393,16 +393,15 @@ def train_side(
     optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    bar = tqdm(_order(len(examples), hp.steps, hp.batch_size, generator), desc=desc,
-               disable=not progress, leave=False, unit="step")
-    for batch_idx in bar:
+    batches = _order(len(examples), hp.steps, hp.batch_size, generator)
+    for done_steps, batch_idx in enumerate(batches, start=1):
         loss = _batch_loss(student, [examples[i] for i in batch_idx], pad_id)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
+        if progress:  # the run's status line shows it ("diff scripted seed 1 positive step 4/16")
+            run_progress.step("diff", desc, done_steps, len(batches))
     if family == "lora":
         delta = lora_deltas(student, names)
     else:
@@ -460,6 +459,51 @@ def _diff_name(recipe: str, seed: int, family: str = DEFAULT_FAMILY) -> str:
     return f"{recipe}-seed{seed}" if family == DEFAULT_FAMILY else f"{recipe}-{family}-seed{seed}"
 
 
+def _diff_entry(
+    behaviour: Behaviour, seed: int, recipe: str, hparams: LoraHParams | Mapping[str, Any] | None,
+    model_key: Mapping[str, Any] | None, family: str,
+) -> tuple[LoraHParams, dict[str, Any], Callable[[dict[str, torch.Tensor], dict[str, Any]], Diff]]:
+    """(hyper-parameters, cache-key parts, Diff maker) of one built diff: the one place that says
+    what a diff entry is keyed by, for build_diff and cached_diff."""
+    _check_recipe(recipe)
+    _check_family(family)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    hp = resolve_hparams(recipe, hparams, family)
+    name = _diff_name(recipe, seed, family)
+    source = f"built:{recipe}" if family == DEFAULT_FAMILY else f"built:{recipe}:{family}"
+
+    def make(w: dict[str, torch.Tensor], info: dict[str, Any]) -> Diff:
+        return Diff(
+            name=name, seed=seed, w=w, source=source, sha256=info["sha256"],
+            recipe=recipe, hparams={**hp.to_json(), "family": family},
+            diagnostics=info["diagnostics"],
+        )
+
+    parts = {**(model_key or {}), "behaviour": behaviour.fingerprint(), "recipe": recipe,
+             "family": family, "hparams": hp.to_json(), "seed": seed}
+    return hp, parts, make
+
+
+def _entry_loader(make: Callable[..., Diff]) -> Callable[[Path], Diff]:
+    def load(path: Path) -> Diff:
+        info = json.loads((path / "diff.json").read_text())
+        return make(load_file(str(path / "w.safetensors")), info)
+
+    return load
+
+
+def cached_diff(
+    cache: DiskCache, model_key: Mapping[str, Any], behaviour: Behaviour, seed: int,
+    recipe: str = DEFAULT_RECIPE, hparams: LoraHParams | Mapping[str, Any] | None = None,
+    family: str = DEFAULT_FAMILY,
+) -> Diff | None:
+    """The diff build_diff would return from `cache`, or None when it is not built yet: a warm
+    run gets its diffs without loading the model they were trained on."""
+    _, parts, make = _diff_entry(behaviour, seed, recipe, hparams, model_key, family)
+    return cache.lookup("diff", parts, _entry_loader(make), producer=build_diff)
+
+
 def build_diff(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -481,20 +525,7 @@ def build_diff(
     hyper-parameters and seed; an interrupted build leaves no entry. Without one it is trained
     every call. The diff is not checked here: callers run steering.check_steers on it.
     """
-    _check_recipe(recipe)
-    _check_family(family)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    hp = resolve_hparams(recipe, hparams, family)
-    name = _diff_name(recipe, seed, family)
-    source = f"built:{recipe}" if family == DEFAULT_FAMILY else f"built:{recipe}:{family}"
-
-    def make(w: dict[str, torch.Tensor], info: dict[str, Any]) -> Diff:
-        return Diff(
-            name=name, seed=seed, w=w, source=source, sha256=info["sha256"],
-            recipe=recipe, hparams={**hp.to_json(), "family": family},
-            diagnostics=info["diagnostics"],
-        )
+    hp, parts, make = _diff_entry(behaviour, seed, recipe, hparams, model_key, family)
 
     def build() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         start = time.perf_counter()
@@ -522,12 +553,6 @@ def build_diff(
         save_file(w, str(out / "w.safetensors"))
         (out / "diff.json").write_text(json.dumps(info, indent=1))
 
-    def load(path: Path) -> Diff:
-        info = json.loads((path / "diff.json").read_text())
-        return make(load_file(str(path / "w.safetensors")), info)
-
-    parts = {**model_key, "behaviour": behaviour.fingerprint(), "recipe": recipe,
-             "family": family, "hparams": hp.to_json(), "seed": seed}
-    return cache.get_or_build_dir("diff", parts, write, load, producer=build_diff)
+    return cache.get_or_build_dir("diff", parts, write, _entry_loader(make), producer=build_diff)
 
 

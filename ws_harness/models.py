@@ -18,9 +18,12 @@ __all__ = [
     "EMBEDDED_MODELS",
     "RANDOM_PRESETS",
     "LoadedModel",
+    "ModelIdentity",
     "ModelNotFoundError",
     "load_model",
     "load_tokenizer",
+    "load_model_tokenizer",
+    "model_identity",
     "file_sha256",
 ]
 
@@ -185,8 +188,9 @@ def _prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _random_model(preset: str, cache: DiskCache, attn_implementation: str) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _random_config(preset: str, cache: DiskCache, attn_implementation: str) -> tuple[Any, Any, str]:
+    """(config, tokenizer, fingerprint) of a random preset: everything but the weights."""
+    from transformers import AutoConfig
 
     tokenizer = load_tokenizer(cache)
     params = dict(RANDOM_PRESETS[preset])
@@ -197,15 +201,78 @@ def _random_model(preset: str, cache: DiskCache, attn_implementation: str) -> Lo
         bos_token_id=tokenizer.bos_token_id, **params,
     )
     config._attn_implementation = attn_implementation
-    # Fixed seed, restored afterwards so loading a model never perturbs the caller's RNG.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fingerprint = hashlib.sha256(
         json.dumps({"preset": preset, "seed": RANDOM_INIT_SEED, "config": config.to_dict()},
                    sort_keys=True, default=str).encode()
     ).hexdigest()
+    return config, tokenizer, fingerprint
+
+
+def _random_model(preset: str, cache: DiskCache, attn_implementation: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    config, tokenizer, fingerprint = _random_config(preset, cache, attn_implementation)
+    # Fixed seed, restored afterwards so loading a model never perturbs the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return LoadedModel(f"random:{preset}", model.eval(), tokenizer, fingerprint, "random init")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What names a model's weights in cache keys, found without loading them (a warm run)."""
+
+    spec: str
+    fingerprint: str
+    source: str
+
+
+def _check_preset(spec: str) -> str:
+    preset = spec.split(":", 1)[1]
+    if preset not in RANDOM_PRESETS:
+        raise ValueError(f"unknown random preset {preset!r}; choose one of {sorted(RANDOM_PRESETS)}")
+    return preset
+
+
+def model_identity(spec: str, cache: DiskCache, *, attn_implementation: str = "eager") -> ModelIdentity:
+    """The fingerprint and source that load_model would report, without reading any weights.
+
+    Embedded: the GGUF's sha256 (memoised per path, size and mtime); a local directory: its
+    files' sha256s (memoised); a random preset: its config (the tokenizer sets the vocabulary).
+    """
+    if spec.startswith("random:"):
+        _, _, fingerprint = _random_config(_check_preset(spec), cache, attn_implementation)
+        return ModelIdentity(spec, fingerprint, "random init")
+    if spec in EMBEDDED_MODELS:
+        gguf = _embedded_gguf(spec)
+        return ModelIdentity(spec, _memo_sha256(gguf, cache), str(gguf))
+    directory = _resolve_local(spec)
+    return ModelIdentity(spec, _dir_fingerprint(directory, cache), str(directory))
+
+
+def load_model_tokenizer(spec: str, cache: DiskCache) -> Any:
+    """The tokenizer load_model would return (left padding, chat template checked), without
+    the weights: rendering and tokenizing prompts needs nothing more."""
+    from transformers import AutoTokenizer
+
+    if spec.startswith("random:"):
+        _check_preset(spec)
+        tokenizer = load_tokenizer(cache)
+    elif spec in EMBEDDED_MODELS:
+        tokenizer = _embedded_dir(spec, cache)[2]  # the converted entry's, as load_model's
+    else:
+        tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(_resolve_local(spec)))
+    _check_chat_template(spec, tokenizer)
+    return tokenizer
+
+
+def _check_chat_template(spec: str, tokenizer: Any) -> None:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"model {spec!r}: its tokenizer has no chat template; ws-harness renders probes "
+            "with the model's chat template, so use an instruct/chat model"
+        )
 
 
 def _dir_fingerprint(directory: Path, cache: DiskCache) -> str:
@@ -248,12 +315,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if spec.startswith("random:"):
-        preset = spec.split(":", 1)[1]
-        if preset not in RANDOM_PRESETS:
-            raise ValueError(
-                f"unknown random preset {preset!r}; choose one of {sorted(RANDOM_PRESETS)}"
-            )
-        return _random_model(preset, cache, attn_implementation)
+        return _random_model(_check_preset(spec), cache, attn_implementation)
     if spec in EMBEDDED_MODELS:
         directory, fingerprint, tokenizer = _embedded_dir(spec, cache)
         source = str(_embedded_gguf(spec))
@@ -265,9 +327,5 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=torch.float32, attn_implementation=attn_implementation
     )
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            f"model {spec!r}: its tokenizer has no chat template; ws-harness renders probes "
-            "with the model's chat template, so use an instruct/chat model"
-        )
+    _check_chat_template(spec, tokenizer)
     return LoadedModel(spec, model.eval(), tokenizer, fingerprint, source)

@@ -18,7 +18,7 @@ import math
 import statistics
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1085,6 +1085,50 @@ def conclusion_md(results: RunResults, agreement: dict[str, Any] | None = None) 
 
 
 # ---- everything ----------------------------------------------------------------------------
+PLOT_STAMP = ".plots.json"  # in OUT: what the PNGs there were drawn from
+
+
+def _plot_digest(results: RunResults) -> str:
+    """Hash of what the plots show (the results less timings) and of the code that draws them."""
+    import hashlib
+    import json
+
+    import matplotlib
+
+    from ws_harness.cache import code_version
+
+    data = {**json.loads(results.to_json()), "timings": None}
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(f"{text}|{code_version(write_reports)}|matplotlib "
+                          f"{matplotlib.__version__}".encode()).hexdigest()
+
+
+def _draw_plots(plots: dict[str, Callable[[Path], Path]], out: Path,
+                digest: str) -> dict[str, Path]:
+    """Draw each plot into OUT/<name>.png, unless the PNG there was drawn from the same results
+    by the same code (a warm rerun: drawing costs ~10 s, mostly the scatter's label placement).
+    A PNG edited or replaced since is drawn again: the stamp records each file's sha256."""
+    import json
+
+    from ws_harness.cache import file_sha256
+
+    stamp_path = out / PLOT_STAMP
+    try:
+        stamp = json.loads(stamp_path.read_text())
+        drawn = stamp["files"] if stamp.get("digest") == digest else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        drawn = {}
+    written, files = {}, {}
+    for name, draw in plots.items():
+        path = out / f"{name}.png"
+        if not (path.is_file() and drawn.get(name) == file_sha256(path)):
+            draw(path)
+        written[name], files[name] = path, file_sha256(path)
+    tmp = stamp_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"digest": digest, "files": files}, indent=1))
+    tmp.replace(stamp_path)
+    return written
+
 
 
 def write_reports(results: RunResults, out: Path) -> dict[str, Path]:
@@ -1106,13 +1150,15 @@ def write_reports(results: RunResults, out: Path) -> dict[str, Path]:
     written["ranking_per_seed"] = out / "ranking_per_seed.csv"
     kendall_taus(results).write_csv(out / "kendall_tau.csv")
     written["kendall_tau"] = out / "kendall_tau.csv"
-    written["joint_scatter"] = scatter_plot(results, out / "joint_scatter.png")
     agreement = retention_agreement(results)
+    plots: dict[str, Callable[[Path], Path]] = {
+        "joint_scatter": lambda path: scatter_plot(results, path)}
     if agreement["n"]:
-        written["retention_agreement"] = retention_agreement_plot(
-            results, out / "retention_agreement.png", agreement)
+        plots["retention_agreement"] = lambda path: retention_agreement_plot(
+            results, path, agreement)
     if results.rows:
-        written["layer_heatmap"] = layer_heatmap(results, out / "layer_heatmap.png")
+        plots["layer_heatmap"] = lambda path: layer_heatmap(results, path)
+    written.update(_draw_plots(plots, out, _plot_digest(results)))
     (out / "definitions.md").write_text(definitions_md(results), encoding="utf-8")
     written["definitions"] = out / "definitions.md"
     (out / "conclusion.md").write_text(conclusion_md(results, agreement), encoding="utf-8")

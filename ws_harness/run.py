@@ -8,10 +8,13 @@ the ranking at the end of the terminal output.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pytest
 
+from ws_harness import progress
 from ws_harness.results import RunResults, collect_results, write_tables
 from ws_harness.scoreboard import Scoreboard
 from ws_harness.session import HarnessSession
@@ -27,6 +30,8 @@ class RunSession:
     scoreboard: bases, scores and claims of the collected hypotheses;
     ran: whether an item of this process ran (only then are its results reported);
     results: the merged results (controller, at session finish); reports: what was written.
+    The controller (or a -n 0 run) shows the progress of every process of the run on one
+    status line (:mod:`ws_harness.progress`) from session start to session finish.
     """
 
     def __init__(self, harness: HarnessSession) -> None:
@@ -35,6 +40,7 @@ class RunSession:
         self.ran = False
         self.results: RunResults | None = None
         self.reports: dict[str, Any] | None = None
+        self._progress = ExitStack()  # the status line's renderer, while it runs
 
     def _add(self, results: RunResults) -> None:
         self.results = results if self.results is None else self.results.merge(results)
@@ -57,6 +63,34 @@ class RunSession:
         from ws_harness.collect import check_inputs
 
         check_inputs(session, config, items)
+        self._expect_progress(items)
+
+    def _expect_progress(self, items: list[pytest.Item]) -> None:
+        """The status line's totals, from what this process collected (with xdist every worker
+        reports the same ones): a basis per hypothesis (per diff for ceilings), a score per
+        hypothesis and diff, a built diff per seed. The catalog's hypotheses that were not
+        collected are scored too (the BH family); their items raise the shown total as they come."""
+        from ws_harness.collect import HarnessItem
+
+        if not any(isinstance(item, HarnessItem) for item in items):
+            return  # no hypothesis runs (or an input error stands in for them): nothing to count
+        hypotheses = list(self.scoreboard.hypotheses.values())
+        n_diffs = len(self.harness.config.diff_plan())
+        ceilings = sum(h.is_ceiling for h in hypotheses)
+        progress.expect("basis", len(hypotheses) - ceilings + ceilings * n_diffs)
+        progress.expect("scores", len(hypotheses) * n_diffs)
+        if self.harness.config.builds_diffs:
+            progress.expect("diff", n_diffs)
+
+    @pytest.hookimpl(tryfirst=True)  # before xdist's DSession (trylast) starts the workers
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        config = session.config
+        if hasattr(config, "workeroutput"):
+            return  # an xdist worker: it only writes events, the controller shows them
+        # The run folder's variable is set here, so the workers started next inherit it.
+        stream = self._progress.enter_context(progress.own_stderr())
+        renderer = self._progress.enter_context(progress.rendering(stream))
+        self._progress.enter_context(_sharing_terminal(config, renderer))
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -66,6 +100,15 @@ class RunSession:
             self._add(RunResults.from_json(text))
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        try:
+            self._finish(session)
+        finally:
+            self._progress.close()  # the final status line, before pytest's summary
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self._progress.close()  # a session that never finished still stops its renderer
+
+    def _finish(self, session: pytest.Session) -> None:
         config = session.config
         results = self.local_results()
         if hasattr(config, "workeroutput"):  # an xdist worker: hand results to the controller
@@ -110,6 +153,24 @@ class RunSession:
         if "error" in self.reports:
             return [f"REPORTS FAILED: {self.reports['error']} (rerun them with: ws-harness report)"]
         return ["reports: " + ", ".join(p.name for p in self.reports["written"].values())]
+
+
+@contextmanager
+def _sharing_terminal(config: pytest.Config, renderer: progress.Renderer | None) -> Iterator[None]:
+    """Route pytest's own output through the renderer, which then knows where pytest's line
+    stands: on a terminal it lifts the status line off while pytest writes (test letters,
+    xdist's lines) and puts it back after; in a log its lines do not split pytest's."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    writer = getattr(reporter, "_tw", None)
+    inner = getattr(writer, "_file", None)  # pytest keeps its terminal file here (no public API)
+    if renderer is None or inner is None:
+        yield
+        return
+    writer._file = renderer.share(inner, column=max(writer.width_of_current_line, 0))
+    try:
+        yield
+    finally:
+        writer._file = inner
 
 
 def _ranking_gate_lines(terminalreporter: Any) -> list[str]:

@@ -121,20 +121,20 @@ class Scoreboard:
             diffs.append({
                 "name": name, "seed": self.seed_of(name), "fingerprint": diff.sha256,
                 "source": str(getattr(diff, "source", "")),
-                "touched_layers": self.targets(name).touched,
+                "touched_layers": self.touched(name),
                 "keys": sorted(diff.w),
                 "causal": self._causal_summary(name),
             })
         return {
             "ws_harness_version": __version__,
-            "model": {"spec": cfg.model, "fingerprint": session.loaded.fingerprint,
-                      "source": session.loaded.source},
+            "model": {"spec": cfg.model, "fingerprint": session.identity.fingerprint,
+                      "source": session.identity.source},
             "diff": {"mode": ("build" if cfg.builds_diffs else
                               "adapters" if cfg.adapter_diffs else "files"),
                      "adapter_family": cfg.adapter if cfg.builds_diffs else None,
                      "diffs": diffs},
-            "rank": cfg.rank, "broad_rank": broad_rank_for(session.arch.d_model),
-            "n_layers": session.arch.n_layers, "d_model": session.arch.d_model,
+            "rank": cfg.rank, "broad_rank": broad_rank_for(session.shape.d_model),
+            "n_layers": session.shape.n_layers, "d_model": session.shape.d_model,
             "behaviour": {"name": behaviour.name, "source": behaviour.source,
                           "fingerprint": behaviour.fingerprint(),
                           "personas": behaviour.personas,
@@ -164,7 +164,7 @@ class Scoreboard:
             return self._bases[memo]
         if hyp.name in self.errors:
             raise HypothesisError(self.errors[hyp.name])
-        n_layers, d = self.session.arch.n_layers, self.session.arch.d_model
+        n_layers, d = self.session.shape.n_layers, self.session.shape.d_model
 
         def build() -> dict[str, torch.Tensor]:
             ctx = self.fit if diff_name is None else self.ceiling_context(diff_name)
@@ -257,24 +257,30 @@ class Scoreboard:
     def causal_matrices(self, diff_name: str, side: str) -> list[torch.Tensor | None]:
         """The attribution matrices C_l of one diff (SPEC §4.1), per layer (None: untouched)."""
         stored = self.session.attribution(self.diff(diff_name))
-        return [stored.get(f"{side}{l}") for l in range(self.session.arch.n_layers)]
+        return [stored.get(f"{side}{l}") for l in range(self.session.shape.n_layers)]
 
     # ---- scores ------------------------------------------------------------------------
     def deltas(self, diff: Diff) -> dict[tuple[int, str], torch.Tensor]:
         """{(layer, role): ΔW} for every parameter of the seven roles the diff touches."""
-        arch = self.session.arch
+        shape = self.session.shape
         out = {}
         for name, delta in diff.w.items():
-            parsed = arch.parse_param_name(name)
+            parsed = shape.parse_param_name(name)
             if parsed is not None:
                 out[parsed] = delta.float()
         return out
 
+    def touched(self, diff_name: str) -> list[int]:
+        """Layers where the diff changes a weight of the seven roles."""
+        deltas = self.deltas(self.diff(diff_name))
+        return sorted({layer for (layer, _), m in deltas.items() if bool(m.any())})
+
     def targets(self, diff_name: str) -> DiffTargets:
+        """What scores need of one diff; built on first use (reads base weights: the model)."""
         if diff_name not in self._targets:
             diff = self.diff(diff_name)
             deltas = self.deltas(diff)
-            touched = sorted({layer for (layer, _), m in deltas.items() if bool(m.any())})
+            touched = self.touched(diff_name)
             arch, k = self.session.arch, self.session.config.rank
             clean = self.session.capture("fit", "clean", "mlp")["resid"]
             self._targets[diff_name] = DiffTargets.build(
@@ -296,10 +302,11 @@ class Scoreboard:
         """
         key = (diff_name, scope)
         if key not in self._structured:
-            diff, targets = self.diff(diff_name), self.targets(diff_name)
+            diff = self.diff(diff_name)
             k_max = self.session.config.rank * schema.STRUCTURED_MAX_RANK_FACTOR
 
             def build() -> dict[str, torch.Tensor]:
+                targets = self.targets(diff_name)
                 with self.session.timed("structured_null"):
                     return {f"layer{l}": structured_energy_table(
                         targets.w_combined[l], targets.write_weights[l].double(), k_max,
@@ -311,7 +318,7 @@ class Scoreboard:
                     diff=diff.sha256, scope=scope, k_max=k_max, n=schema.STRUCTURED_SAMPLES),
                 build, producer=structured_energy_table)
         table = self._structured[key].get(f"layer{layer}")
-        return None if table is None else EnergyDraws(table, self.session.arch.d_model)
+        return None if table is None else EnergyDraws(table, self.session.shape.d_model)
 
     def identity(self, hyp: Hypothesis, diff_name: str) -> dict[str, Any]:
         """The identity columns (schema.ID_COLUMNS) of a hypothesis's rows on one diff."""
@@ -431,9 +438,9 @@ class Scoreboard:
         """
         diff = self.diff(diff_name)
         deltas = retention.write_part(self.deltas(diff))
-        targets = self.targets(diff_name)
-        ranks = [self.session.config.rank if l in targets.touched else 0
-                 for l in range(self.session.arch.n_layers)]
+        touched = self.touched(diff_name)
+        ranks = [self.session.config.rank if l in touched else 0
+                 for l in range(self.session.shape.n_layers)]
 
         def variants() -> dict[str, dict]:
             draws = retention.random_reference(deltas, ranks, REFERENCE_DRAWS, seed=0)

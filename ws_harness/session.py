@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +16,14 @@ from ws_harness.arch import Architecture
 from ws_harness.cache import DiskCache, worker_order
 from ws_harness.config import HarnessConfig
 from ws_harness.data import Behaviour, ProbeSet, load_behaviour, render_chat, tokenize_prompts
-from ws_harness.models import LoadedModel, load_model
+from ws_harness.models import (
+    LoadedModel,
+    ModelIdentity,
+    load_model,
+    load_model_tokenizer,
+    model_identity,
+)
+from ws_harness.shape import ModelShape
 
 if TYPE_CHECKING:
     from ws_harness.diffs import Diff
@@ -71,20 +79,38 @@ class HarnessSession:
         self._diffs: list[Diff] | None = None  # the run's diffs, once loaded/built and checked
         self._labels: dict[str, dict[str, torch.Tensor]] = {}  # diff sha256 → labels
         self._attribution: dict[str, dict[str, torch.Tensor]] = {}  # diff sha256 → C matrices
+        self._probes: dict[tuple[str, str], ProbeSet] = {}
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
+        """Add the block's wall seconds to timings[phase] and its CPU seconds (this process,
+        every thread) to timings[phase + '.cpu']: waiting on a lock costs wall, not CPU."""
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
+            key = f"{phase}.cpu"
+            self.timings[key] = self.timings.get(key, 0.0) + time.process_time() - cpu
 
     # ---- inputs ------------------------------------------------------------------------
+    # A warm run (every result cached) needs the model's identity, shape, prompts and answer
+    # ids, each a small cache entry, and never its weights: `loaded`, `model` and `arch` load
+    # them only when something must be computed.
+    @cached_property
+    def identity(self) -> ModelIdentity:
+        """Spec, fingerprint and source of the model, found without loading its weights."""
+        return model_identity(self.config.model, self.cache)
+
     @cached_property
     def loaded(self) -> LoadedModel:
         with self.timed("model"):
-            return load_model(self.config.model, self.cache)
+            loaded = load_model(self.config.model, self.cache)
+        if loaded.fingerprint != self.identity.fingerprint:
+            raise InputError(f"model {self.config.model!r}: its weights' fingerprint "
+                             f"{loaded.fingerprint[:12]} is not the {self.identity.fingerprint[:12]} "
+                             "its files announced; did they change during the run?")
+        return loaded
 
     @property
     def model(self) -> torch.nn.Module:
@@ -92,11 +118,36 @@ class HarnessSession:
 
     @property
     def tokenizer(self) -> Any:
-        return self.loaded.tokenizer
+        if "loaded" in self.__dict__:
+            return self.loaded.tokenizer
+        return self._tokenizer
+
+    @cached_property
+    def _tokenizer(self) -> Any:
+        with self.timed("model"):
+            return load_model_tokenizer(self.config.model, self.cache)
+
+    @cached_property
+    def shape(self) -> ModelShape:
+        """Layers, widths and parameter shapes (cached per model: no weights on a warm run)."""
+        from ws_harness.diffs import model_param_shapes
+
+        def build() -> dict[str, Any]:
+            model = self.model
+            return {"config": json.loads(model.config.to_json_string()),
+                    "param_shapes": model_param_shapes(model)}
+
+        meta = self.cache.get_or_build_json("model_shape", self.model_key(), build,
+                                            producer=(model_param_shapes, ModelShape.from_config))
+        return ModelShape.from_config(meta["config"], meta["param_shapes"])
 
     @cached_property
     def arch(self) -> Architecture:
-        return Architecture(self.model)
+        arch = Architecture(self.model)
+        if arch.param_shapes() != self.shape.param_shapes():
+            raise InputError(f"model {self.config.model!r}: its loaded parameter shapes differ "
+                             "from those recorded in the cache (model_shape); clear that entry")
+        return arch
 
     @cached_property
     def behaviour(self) -> Behaviour:
@@ -110,11 +161,25 @@ class HarnessSession:
         return self.behaviour.personas[condition]
 
     def probes(self, split: str, condition: Condition = "clean") -> ProbeSet:
-        """Chat-rendered probe prompts of a split under a condition (no system / a persona)."""
-        rendered = render_chat(
-            self.tokenizer, self.behaviour.probes(split), self.system_prompt(condition)
-        )
-        return tokenize_prompts(self.tokenizer, rendered)
+        """Chat-rendered probe prompts of a split under a condition (no system / a persona),
+        tokenized once per model and behaviour and cached (a warm run loads no tokenizer)."""
+        memo = (split, condition)
+        if memo not in self._probes:
+            system = self.system_prompt(condition)
+
+            def build() -> dict[str, Any]:
+                rendered = render_chat(self.tokenizer, self.behaviour.probes(split), system)
+                probes = tokenize_prompts(self.tokenizer, rendered)
+                return {"texts": probes.texts, "input_ids": probes.input_ids.tolist(),
+                        "attention_mask": probes.attention_mask.tolist()}
+
+            got = self.cache.get_or_build_json(
+                "prompts", self.cache_parts(split=split, condition=condition), build,
+                producer=(render_chat, tokenize_prompts))
+            self._probes[memo] = ProbeSet(
+                list(got["texts"]), torch.tensor(got["input_ids"], dtype=torch.long),
+                torch.tensor(got["attention_mask"], dtype=torch.long))
+        return self._probes[memo]
 
     def preflight(self) -> None:
         """Check every input a run needs before any item runs; raises InputError naming it.
@@ -124,9 +189,10 @@ class HarnessSession:
         """
         cfg = self.config
         steps: list[tuple[str, Callable[[], Any]]] = [
-            (f"model {cfg.model!r}", lambda: self.arch),
+            (f"model {cfg.model!r}", lambda: self.shape),
             (f"behaviour {cfg.behaviour!r}", lambda: self.behaviour.probes("fit")),
-            (f"rank {cfg.rank}", lambda: check_rank(cfg, self.arch.d_model)),
+            (f"model {cfg.model!r}", lambda: self.probes("fit")),  # the chat template renders
+            (f"rank {cfg.rank}", lambda: check_rank(cfg, self.shape.d_model)),
         ]
         if cfg.adapter_diffs:
             from ws_harness.adapters import read_adapter_config
@@ -137,7 +203,7 @@ class HarnessSession:
         elif not cfg.builds_diffs:
             from ws_harness.diffs import load_diff
 
-            steps += [(f"diff file {path}", lambda path=path: load_diff(path, self.arch))
+            steps += [(f"diff file {path}", lambda path=path: load_diff(path, self.shape.shapes))
                       for path in cfg.diff]  # type: ignore[union-attr]
         for what, check in steps:
             try:
@@ -151,7 +217,7 @@ class HarnessSession:
     # ---- captures ----------------------------------------------------------------------
     def model_key(self) -> dict[str, Any]:
         """What identifies the model's weights in cache keys."""
-        return {"model": self.config.model, "model_fingerprint": self.loaded.fingerprint}
+        return {"model": self.config.model, "model_fingerprint": self.identity.fingerprint}
 
     def cache_parts(self, **extra: Any) -> dict[str, Any]:
         """Key parts shared by every model-dependent artifact."""
@@ -190,7 +256,11 @@ class HarnessSession:
         """First-token ids of the verdict words, positive then negative (SmolLM2: 10539, 5230)."""
         from ws_harness.steering import answer_token_ids
 
-        return answer_token_ids(self.tokenizer, self.behaviour.answer_tokens)
+        answers = self.behaviour.answer_tokens
+        got = self.cache.get_or_build_json(
+            "answer_ids", self.cache_parts(answer_tokens=dict(answers)),
+            lambda: list(answer_token_ids(self.tokenizer, answers)), producer=answer_token_ids)
+        return int(got[0]), int(got[1])
 
     def build_diff(
         self, seed: int, recipe: str | None = None, hparams: Any = None, *,
@@ -198,8 +268,13 @@ class HarnessSession:
     ) -> Diff:
         """`lora.build_diff` on this session's model and behaviour, cached in its cache;
         `family` (default: the configured adapter family) picks PEFT's config."""
-        from ws_harness.lora import DEFAULT_RECIPE, build_diff
+        from ws_harness.lora import DEFAULT_RECIPE, build_diff, cached_diff
 
+        if use_cache:
+            found = cached_diff(self.cache, self.model_key(), self.behaviour, seed,
+                                recipe or DEFAULT_RECIPE, hparams, family or self.config.adapter)
+            if found is not None:
+                return found
         return build_diff(
             self.model, self.tokenizer, self.arch, self.behaviour, seed,
             recipe or DEFAULT_RECIPE, hparams, cache=self.cache if use_cache else None,
@@ -229,7 +304,7 @@ class HarnessSession:
                                            cache=self.cache, model_key=self.model_key(),
                                            expected_base=self.config.model)
             else:
-                diffs = [load_diff(path, self.arch) for path in self.config.diff]
+                diffs = [load_diff(path, self.shape.shapes) for path in self.config.diff]
             names = [name for name, _ in self.config.diff_plan()]
             diffs = [_replace(d, name=n) for d, n in zip(diffs, names, strict=True)]
             for diff in diffs:
@@ -241,13 +316,13 @@ class HarnessSession:
         """SteeringCurve of a diff on EVAL prompts (no system prompt), cached as JSON by sha256."""
         from ws_harness.steering import ALPHAS, SteeringCurve, steering_curve  # noqa: F811
 
-        probes = self.probes("eval")
         with self.timed("diffs"):
             data = self.cache.get_or_build_json(
                 "steering",
                 self.cache_parts(diff=diff.sha256, alphas=list(ALPHAS),
                                  answer_ids=list(self.answer_ids)),
-                lambda: steering_curve(self.model, probes, diff.w, self.answer_ids).to_json(),
+                lambda: steering_curve(self.model, self.probes("eval"), diff.w,
+                                       self.answer_ids).to_json(),
                 producer=steering_curve,
             )
         return SteeringCurve.from_json(data)
@@ -264,7 +339,7 @@ class HarnessSession:
         if diff.sha256 in self._attribution:
             return self._attribution[diff.sha256]
         deltas = {parsed: t.float() for name, t in diff.w.items()
-                  if (parsed := self.arch.parse_param_name(name)) is not None}
+                  if (parsed := self.shape.parse_param_name(name)) is not None}
 
         def build() -> dict[str, torch.Tensor]:
             # Runs on one thread (the cache builds every entry so): the gradients' reduction
