@@ -135,7 +135,9 @@ def main() -> None:
                 cache = args.cache.resolve() if args.cache else last_cache.get(label, tmp / "none")
             last_cache[label] = cache
             before = os.times()
-            result = run(cwd, cache, tmp / f"out-{i}", int(workers))
+            # One out folder per label, as a user reruns into ws-out: a warm rerun then finds
+            # the plots of identical results already drawn (report.PLOT_STAMP).
+            result = run(cwd, cache, tmp / f"out-{label}", int(workers))
             after = os.times()
             # children_user/system: CPU of every reaped descendant (pytest and its workers).
             result["cpu_s"] = round((after.children_user - before.children_user)

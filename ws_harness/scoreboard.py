@@ -59,6 +59,7 @@ class Scoreboard:
         self.errors: dict[str, str] = {}
         self._bases: dict[str, list[torch.Tensor | None]] = {}
         self._targets: dict[str, DiffTargets] = {}
+        self._touched: dict[str, list[int]] = {}
         self._scores: dict[tuple[str, str], dict[str, Any]] = {}
         self._ceiling_contexts: dict[str, CeilingContext] = {}
         self._columns: dict[str, list[dict[str, float]]] = {}
@@ -272,8 +273,11 @@ class Scoreboard:
 
     def touched(self, diff_name: str) -> list[int]:
         """Layers where the diff changes a weight of the seven roles."""
-        deltas = self.deltas(self.diff(diff_name))
-        return sorted({layer for (layer, _), m in deltas.items() if bool(m.any())})
+        if diff_name not in self._touched:
+            deltas = self.deltas(self.diff(diff_name))
+            self._touched[diff_name] = sorted(
+                {layer for (layer, _), m in deltas.items() if bool(m.any())})
+        return list(self._touched[diff_name])
 
     def targets(self, diff_name: str) -> DiffTargets:
         """What scores need of one diff; built on first use (reads base weights: the model)."""
