@@ -99,3 +99,57 @@ def test_a_warm_sweep_loads_no_model_and_gives_the_same_tables(
     assert "model" not in timings["warm"], timings["warm"]  # neither weights nor tokenizer
     assert "scores" not in timings["warm"] and "bases" not in timings["warm"]
     assert tables["warm"] == tables["cold"]
+
+
+def test_a_fully_cached_sweep_runs_in_one_process_and_a_change_brings_the_workers_back(
+    pytester: pytest.Pytester, tiny_diff_files: list[Path], write_tiny_project: WriteProject,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under `make test` this test runs in an xdist worker; the sweep below is its own controller.
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    folder = write_tiny_project(pytester, tmp_path / "cache", tiny_diff_files)
+    (folder / "test_my_write.py").write_text(HYPOTHESIS)
+    sweep = ("hypotheses", "-p", "no:cacheprovider", "--deselect", "ws_ranking", "-n", "2")
+    note = "*every result of this sweep is cached (run record *); running in this process " \
+           "instead of 2 xdist workers*"
+    out = pytester.path / "out"
+
+    first = pytester.runpytest_subprocess(*sweep)
+    first.assert_outcomes(passed=1, xfailed=10)
+    first.stdout.no_fnmatch_line(note)
+    assert "[gw1]" in first.stdout.str() or "2 workers" in first.stdout.str()
+    cold = (out / "summary.csv").read_bytes()
+    records = list((tmp_path / "cache" / "runs").glob("*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["entries"]
+
+    second = pytester.runpytest_subprocess(*sweep)
+    second.assert_outcomes(passed=1, xfailed=10)
+    second.stdout.fnmatch_lines([note])
+    assert (out / "summary.csv").read_bytes() == cold
+
+    # An edited hypothesis is a different sweep: workers again, and a second record.
+    (folder / "test_my_write.py").write_text(HYPOTHESIS + "\n# edited\n")
+    third = pytester.runpytest_subprocess(*sweep)
+    third.assert_outcomes(passed=1, xfailed=10)
+    third.stdout.no_fnmatch_line(note)
+    assert len(list((tmp_path / "cache" / "runs").glob("*.json"))) == 2
+    # A removed entry means the record no longer holds: workers again.
+    entries = json.loads(records[0].read_text())["entries"]
+    (folder / "test_my_write.py").write_text(HYPOTHESIS)
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache" / next(e for e in entries if e.startswith("scores/")))
+    fourth = pytester.runpytest_subprocess(*sweep)
+    fourth.assert_outcomes(passed=1, xfailed=10)
+    fourth.stdout.no_fnmatch_line(note)
+    assert (out / "summary.csv").read_bytes() == cold
+
+
+def test_the_worker_count_is_not_part_of_the_run_fingerprint() -> None:
+    from ws_harness.warm import _args_without_workers
+
+    assert _args_without_workers(["hypotheses/", "-n", "4", "-q"]) == ["hypotheses/", "-q"]
+    assert _args_without_workers(["-n4", "--numprocesses=2", "x"]) == ["x"]
+    assert _args_without_workers(["--numprocesses", "auto", "-k", "foo"]) == ["-k", "foo"]
+    assert _args_without_workers(["--basetemp=/tmp/x", "--basetemp", "/tmp/y", "h"]) == ["h"]

@@ -113,6 +113,11 @@ def package_modules() -> list[str]:
     return names
 
 
+def package_sources() -> list[tuple[str, str]]:
+    """(module, sha256 of its source) for every module of the package."""
+    return [(m, _module_source_hash(m)) for m in package_modules()]
+
+
 @functools.cache
 def _module_source_hash(name: str) -> str:
     path = _module_file(name)
@@ -403,7 +408,13 @@ class DiskCache:
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.builds: list[str] = []  # "<kind>/<key>" built by this process, for reports and tests
+        self.used: set[str] = set()  # "<kind>/<key>" this process returned, built or read (warm)
         self._swept: set[str] = set()  # kinds whose stale tmp folders this process has removed
+
+    def _served(self, kind: str, key: str) -> None:
+        """An entry was returned to a caller: count it for the status line and the run record."""
+        self.used.add(f"{kind}/{key}")
+        progress.done(kind, key)
 
     def key(self, kind: str, parts: dict[str, Any], producer: Producer) -> str:
         return content_hash({"kind": kind, "parts": parts, "code": code_version(producer)})[:32]
@@ -485,7 +496,7 @@ class DiskCache:
             except Exception:  # noqa: BLE001 - re-checked under the lock below
                 pass
             else:
-                progress.done(kind, key)  # the status line counts entries read as well as built
+                self._served(kind, key)  # the status line counts entries read as well as built
                 return value
         final.parent.mkdir(parents=True, exist_ok=True)
         with self._locked(kind, key):
@@ -505,7 +516,7 @@ class DiskCache:
                     )
                     shutil.rmtree(final, ignore_errors=True)
                 else:
-                    progress.done(kind, key)  # another process built it while we waited
+                    self._served(kind, key)  # another process built it while we waited
                     return value
             tmp = final.parent / f".{key}.tmp-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
@@ -525,7 +536,7 @@ class DiskCache:
                 progress.end(kind, key)
             self.builds.append(f"{kind}/{key}")
             value = load(final)
-            progress.done(kind, key)
+            self._served(kind, key)
             return value
 
     def lookup(
@@ -544,7 +555,7 @@ class DiskCache:
             value = self._load(final, load)
         except Exception:  # noqa: BLE001 - the build path re-checks, warns and rebuilds
             return None
-        progress.done(kind, key)
+        self._served(kind, key)
         return value
 
     def get_or_build_tensors(

@@ -60,6 +60,11 @@ def pytest_configure(config: pytest.Config) -> None:
     from ws_harness import collect
 
     run = RunSession(HarnessSession(harness_config))
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        from ws_harness.warm import run_in_process_if_cached
+
+        # Before xdist's own pytest_configure (trylast) decides whether to start workers.
+        run.in_process_note = run_in_process_if_cached(config, run.harness)
     config.stash[run_key] = run
     config.pluginmanager.register(run, "ws-harness-run")
     config.pluginmanager.register(collect, "ws-harness-collect")
@@ -81,11 +86,12 @@ def get_session(config: pytest.Config) -> HarnessSession:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     cfg = get_session(config).config
     diff = cfg.diff if isinstance(cfg.diff, str) else ", ".join(str(p) for p in cfg.diff)
+    note = get_run(config).in_process_note
     return [
         f"ws-harness: model={cfg.model} diff={diff} seeds={','.join(map(str, cfg.seeds))} "
         f"rank={cfg.rank} behaviour={cfg.behaviour}",
         f"ws-harness: cache={cfg.cache_dir} out={cfg.out}",
-    ]
+    ] + ([note] if note else [])
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,11 @@ class RunSession:
         self.results: RunResults | None = None
         self.reports: dict[str, Any] | None = None
         self._progress = ExitStack()  # the status line's renderer, while it runs
+        # The run record (ws_harness.warm): which entries this run used, and whether it ran
+        # hypothesis items only (a test-suite run leaves no record). Workers report theirs.
+        self.in_process_note: str | None = None  # set when a cached sweep skipped its workers
+        self.harness_only: bool | None = None
+        self._used: set[str] = set()
 
     def _add(self, results: RunResults) -> None:
         self.results = results if self.results is None else self.results.merge(results)
@@ -64,6 +69,11 @@ class RunSession:
 
         check_inputs(session, config, items)
         self._expect_progress(items)
+        from ws_harness.collect import HarnessItem
+        from ws_harness.snapshot import RankingGateItem
+
+        self.harness_only = any(isinstance(i, HarnessItem) for i in items) and all(
+            isinstance(i, (HarnessItem, RankingGateItem)) for i in items)
 
     def _expect_progress(self, items: list[pytest.Item]) -> None:
         """The status line's totals, from what this process collected (with xdist every worker
@@ -95,9 +105,13 @@ class RunSession:
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         """xdist controller: gather each worker's results."""
-        text = getattr(node, "workeroutput", {}).get("ws_results")
+        output = getattr(node, "workeroutput", {})
+        text = output.get("ws_results")
         if text:
             self._add(RunResults.from_json(text))
+        self._used |= set(output.get("ws_cache_used", ()))
+        worker_only = output.get("ws_harness_only")
+        self.harness_only = bool(worker_only) and self.harness_only is not False
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         try:
@@ -114,6 +128,8 @@ class RunSession:
         if hasattr(config, "workeroutput"):  # an xdist worker: hand results to the controller
             if results is not None:
                 config.workeroutput["ws_results"] = results.to_json()
+            config.workeroutput["ws_cache_used"] = sorted(self.harness.cache.used)
+            config.workeroutput["ws_harness_only"] = bool(self.harness_only)
             return
         if results is not None:
             self._add(results)
@@ -121,6 +137,19 @@ class RunSession:
             self.results = self.results.ordered()  # one order, however many workers
             write_tables(self.results, self.harness.config.out)
             self._write_reports(self.results)
+            self._write_run_record(config)
+
+    def _write_run_record(self, config: pytest.Config) -> None:
+        """Record the entries a sweep of hypothesis items used (ws_harness.warm)."""
+        from ws_harness.warm import run_fingerprint, write_record
+
+        if not self.harness_only:
+            return
+        try:
+            write_record(self.harness.config.cache_dir, run_fingerprint(config, self.harness),
+                         self._used | self.harness.cache.used)
+        except Exception:  # noqa: BLE001 - no record only means the next run starts its workers
+            pass
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int,
                                 config: pytest.Config) -> None:
