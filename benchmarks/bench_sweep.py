@@ -79,14 +79,17 @@ def run(cwd: Path, cache: Path, out: Path, workers: int) -> dict:
     cmd = [sys.executable, "-m", "pytest", "hypotheses/", "-n", str(workers), "-q",
            "-p", "no:cacheprovider", f"--ws-cache-dir={cache}", f"--ws-out={out}"]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    peak = 0.0
-    while proc.poll() is None:
-        peak = max(peak, _tree_rss_mib(proc.pid))
-        time.sleep(0.2)
+    log = out.parent / f"{out.name}.log"
+    # Output to a file, not a pipe: a cold run writes more than a pipe holds (64 KiB), and an
+    # unread pipe would block pytest's final summary.
+    with open(log, "w", encoding="utf-8") as fh:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, text=True)
+        peak = 0.0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss_mib(proc.pid))
+            time.sleep(0.2)
     wall = time.perf_counter() - start
-    lines = proc.stdout.read().strip().splitlines() if proc.stdout else []
+    lines = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
     return {"wall_s": round(wall, 1), "peak_rss_mib": round(peak), "exit": proc.returncode,
             "result": lines[-1] if lines else "", "phases": _phases(out)}
 

@@ -165,7 +165,8 @@ def _direct_imports(name: str) -> frozenset[str]:
 
 # Modules that store and look up entries but compute none of their numbers: editing them
 # (locking, manifests, progress) must not turn every entry cold. The format of what they
-# store is versioned by CACHE_FORMAT instead, which is part of every key.
+# store is versioned by CACHE_FORMAT instead, which is part of every key: an edit of what
+# they write, or of one_thread (it decides the last bits of every build), must bump it.
 STORAGE_MODULES = frozenset({f"{_PACKAGE}.cache", f"{_PACKAGE}.progress"})
 
 

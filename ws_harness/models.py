@@ -275,10 +275,16 @@ def _check_chat_template(spec: str, tokenizer: Any) -> None:
         )
 
 
+# Files of a model directory that decide its numbers: weights, configs, and the tokenizer with
+# its chat template (transformers 5 saves the template as chat_template.jinja).
+MODEL_DIR_SUFFIXES = (".safetensors", ".bin", ".json", ".gguf", ".jinja", ".model", ".txt",
+                      ".tiktoken")
+
+
 def _dir_fingerprint(directory: Path, cache: DiskCache) -> str:
     files = sorted(
         p for p in directory.iterdir()
-        if p.suffix in (".safetensors", ".bin", ".json", ".gguf") and p.is_file()
+        if p.suffix in MODEL_DIR_SUFFIXES and p.is_file()
     )
     digest = hashlib.sha256()
     for p in files:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import warnings
@@ -1097,7 +1098,9 @@ def _plot_digest(results: RunResults) -> str:
 
     from ws_harness.cache import code_version
 
-    data = {**json.loads(results.to_json()), "timings": None}
+    data = {**json.loads(results.to_json()), "timings": None,
+            # how the schema names and places metrics (a conftest may register its own)
+            "metrics": [(m.name, m.label, m.short, m.heatmap) for m in schema.metrics()]}
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(f"{text}|{code_version(write_reports)}|matplotlib "
                           f"{matplotlib.__version__}".encode()).hexdigest()
@@ -1124,7 +1127,7 @@ def _draw_plots(plots: dict[str, Callable[[Path], Path]], out: Path,
         if not (path.is_file() and drawn.get(name) == file_sha256(path)):
             draw(path)
         written[name], files[name] = path, file_sha256(path)
-    tmp = stamp_path.with_suffix(".tmp")
+    tmp = stamp_path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"digest": digest, "files": files}, indent=1))
     tmp.replace(stamp_path)
     return written

@@ -163,6 +163,8 @@ class RunSession:
             tr.write_line(line)
         for line in _ranking_gate_lines(terminalreporter):
             tr.write_line(line)
+        if self.in_process_note:  # the header that says so is hidden by -q
+            tr.write_line(self.in_process_note)
         tr.write_line(f"tables written to {self.harness.config.out}")
         for line in self._report_lines():
             tr.write_line(line)

@@ -175,7 +175,7 @@ class HarnessSession:
 
             got = self.cache.get_or_build_json(
                 "prompts", self.cache_parts(split=split, condition=condition), build,
-                producer=(render_chat, tokenize_prompts))
+                producer=(render_chat, tokenize_prompts, load_model_tokenizer))
             self._probes[memo] = ProbeSet(
                 list(got["texts"]), torch.tensor(got["input_ids"], dtype=torch.long),
                 torch.tensor(got["attention_mask"], dtype=torch.long))
@@ -190,6 +190,9 @@ class HarnessSession:
         cfg = self.config
         steps: list[tuple[str, Callable[[], Any]]] = [
             (f"model {cfg.model!r}", lambda: self.shape),
+            # Loading the model to record its shape (a cold run) costs nothing more to check
+            # its architecture (GQA layout, norms, lm_head) here, once, instead of per item.
+            (f"model {cfg.model!r}", lambda: self.arch if "loaded" in self.__dict__ else None),
             (f"behaviour {cfg.behaviour!r}", lambda: self.behaviour.probes("fit")),
             (f"model {cfg.model!r}", lambda: self.probes("fit")),  # the chat template renders
             (f"rank {cfg.rank}", lambda: check_rank(cfg, self.shape.d_model)),
@@ -259,7 +262,8 @@ class HarnessSession:
         answers = self.behaviour.answer_tokens
         got = self.cache.get_or_build_json(
             "answer_ids", self.cache_parts(answer_tokens=dict(answers)),
-            lambda: list(answer_token_ids(self.tokenizer, answers)), producer=answer_token_ids)
+            lambda: list(answer_token_ids(self.tokenizer, answers)),
+            producer=(answer_token_ids, load_model_tokenizer))
         return int(got[0]), int(got[1])
 
     def build_diff(

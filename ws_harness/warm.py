@@ -57,13 +57,31 @@ def _args_without_workers(args: Iterable[str]) -> list[str]:
     return out
 
 
-def _sources_under(paths: Iterable[Path]) -> list[tuple[str, str]]:
+_PRUNED = {"__pycache__", "node_modules", "site-packages", "venv"}
+
+
+def _py_files(folder: Path) -> set[Path]:
+    """Python files under a folder, skipping hidden folders (.venv, .git, .ws-cache) and the like."""
+    found: set[Path] = set()
+    for where, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in _PRUNED]
+        found |= {Path(where) / f for f in files if f.endswith(".py")}
+    return found
+
+
+def _sources(targets: Iterable[Path], rootpath: Path) -> list[tuple[str, str]]:
+    """Every python file a sweep of `targets` can depend on: the targets' files (a file target
+    brings its whole folder: the catalog that forms its BH family) and each conftest.py from
+    the root down to every target."""
     files: set[Path] = set()
-    for path in paths:
-        if path.is_dir():
-            files |= {p for p in path.rglob("*.py") if "__pycache__" not in p.parts}
-        elif path.is_file():
-            files.add(path)
+    for target in targets:
+        folder = target if target.is_dir() else target.parent
+        files |= _py_files(folder)
+        for parent in [folder, *folder.parents]:
+            if (parent / "conftest.py").is_file():
+                files.add(parent / "conftest.py")
+            if parent == rootpath:
+                break
     return [(str(p), hashlib.sha256(p.read_bytes()).hexdigest()) for p in sorted(files)]
 
 
@@ -81,9 +99,10 @@ def run_fingerprint(config: pytest.Config, session: HarnessSession) -> str:
     """What decides which cache entries this invocation needs (see the module docstring)."""
     cfg = session.config
     args = _args_without_workers(config.invocation_params.args)
-    where = Path(config.invocation_params.dir)
-    targets = [where / a.split("::")[0] for a in args if not a.startswith("-")]
-    targets = [t for t in targets if t.exists()] or [Path(config.rootpath)]
+    where, rootpath = Path(config.invocation_params.dir), Path(config.rootpath)
+    # pytest's own positional paths (or testpaths, or the root), not option values
+    targets = [where / str(a).split("::")[0] for a in config.args]
+    targets = [t.resolve() for t in targets if t.exists()] or [rootpath]
     diff_inputs: list[Path] = []
     if not cfg.builds_diffs:
         for item in cfg.diff:  # files, or adapter pairs (their folders)
@@ -93,10 +112,11 @@ def run_fingerprint(config: pytest.Config, session: HarnessSession) -> str:
     parts: dict[str, Any] = {
         "format": RECORD_FORMAT,
         "args": args,
-        "addopts": os.environ.get("PYTEST_ADDOPTS", ""),
+        "addopts": [os.environ.get("PYTEST_ADDOPTS", ""), config.getini("addopts"),
+                    config.getini("python_files")],
         "settings": json.loads(json.dumps(settings, default=str)),
         "package": package_sources(),
-        "sources": _sources_under([*targets, Path(config.rootpath) / "conftest.py"]),
+        "sources": _sources(targets, rootpath),
         "model": session.identity.fingerprint,
         "behaviour": session.behaviour.fingerprint(),
         "diff_inputs": _file_stamps(diff_inputs),
@@ -139,6 +159,11 @@ def run_in_process_if_cached(config: pytest.Config, session: HarnessSession) -> 
     tx = list(getattr(option, "tx", None) or [])
     if not workers or not tx or any(spec != "popen" for spec in tx):
         return None  # no workers, or gateways a user chose (--tx): leave them alone
+    if any(getattr(option, name, False) for name in ("lf", "failedfirst", "newfirst", "stepwise")):
+        return None  # the selection depends on .pytest_cache, which the record does not cover
+    records = Path(session.config.cache_dir) / RECORD_FOLDER
+    if not records.is_dir() or not any(records.glob("*.json")):
+        return None  # no sweep recorded yet: do not hash the sources at all
     try:
         fingerprint = run_fingerprint(config, session)
     except Exception:  # noqa: BLE001 - an input problem is the preflight's to report
