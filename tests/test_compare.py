@@ -9,9 +9,7 @@ edited results.json stand for runs of named families or of another configuration
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,6 +20,7 @@ from typing import Any
 import polars as pl
 import pytest
 import torch
+from run_folders import copy_run, set_at  # tests/run_folders.py
 from scipy.stats import kendalltau
 
 from ws_harness.cli import main
@@ -140,15 +139,6 @@ def runs(tiny: HarnessSession, steering_diff: Callable[..., Any],
             "other_diff": _sweep(project, "other_diff", [files["w_other"]], cache)}
 
 
-def _copy(run: Path, target: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
-    """A copy of a run folder whose results.json is passed through `edit(data) -> None`."""
-    shutil.copytree(run, target)
-    data = json.loads((target / "results.json").read_text())
-    edit(data)
-    (target / "results.json").write_text(json.dumps(data))
-    return target
-
-
 def _family(name: str) -> Callable[[dict[str, Any]], None]:
     def edit(data: dict[str, Any]) -> None:
         data["inputs"]["diff"]["adapter_family"] = name
@@ -219,8 +209,8 @@ def _first_row(markdown: str, table: str) -> list[str]:
 
 
 def test_markdown_shows_each_runs_top_hypothesis(runs: dict[str, Path], tmp_path: Path) -> None:
-    lora = _copy(runs["two_seeds"], tmp_path / "out-lora", _family("lora"))
-    ia3 = _copy(runs["other_diff"], tmp_path / "out-ia3", _family("ia3"))
+    lora = copy_run(runs["two_seeds"], tmp_path / "out-lora", _family("lora"))
+    ia3 = copy_run(runs["other_diff"], tmp_path / "out-ia3", _family("ia3"))
     outcome = compare_runs([lora, ia3], tmp_path / "compare")
     assert [r.name for r in outcome.runs] == ["lora", "ia3"]  # named by their adapter family
     markdown = (tmp_path / "compare" / MARKDOWN_FILE).read_text()
@@ -240,22 +230,12 @@ def test_markdown_shows_each_runs_top_hypothesis(runs: dict[str, Path], tmp_path
     assert {"rank_lora", "score_lora", "rank_ia3", "score_ia3"} <= set(outcome.ranking.columns)
 
 
-def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    def edit(data: dict[str, Any]) -> None:
-        *parents, last = path.split(".")
-        node = data
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return edit
-
-
 @pytest.mark.parametrize(("edit", "expected"), [
-    (_set("inputs.rank", 3), "rank differs: {a} has 4, {b} has 3."),
-    (_set("inputs.model.fingerprint", "0" * 64), "model.fingerprint differs: {a} has \""),
-    (_set("inputs.model.spec", "random:qwen3-0.6b"),
+    (set_at("inputs.rank", 3), "rank differs: {a} has 4, {b} has 3."),
+    (set_at("inputs.model.fingerprint", "0" * 64), "model.fingerprint differs: {a} has \""),
+    (set_at("inputs.model.spec", "random:qwen3-0.6b"),
      "model.spec differs: {a} has \"random:tiny\", {b} has \"random:qwen3-0.6b\"."),
-    (_set("inputs.behaviour.name", "flattery"),
+    (set_at("inputs.behaviour.name", "flattery"),
      "behaviour.name differs: {a} has \"sycophancy\", {b} has \"flattery\"."),
 ])
 def test_runs_of_another_model_behaviour_or_rank_are_refused(
@@ -263,7 +243,7 @@ def test_runs_of_another_model_behaviour_or_rank_are_refused(
     edit: Callable[[dict[str, Any]], None], expected: str,
 ) -> None:
     a = runs["two_seeds"]
-    odd = _copy(runs["other_diff"], tmp_path / "odd", edit)
+    odd = copy_run(runs["other_diff"], tmp_path / "odd", edit)
     out = tmp_path / "compare"
     rc = main(["compare", str(a), str(odd), "--out", str(out)])
     err = capsys.readouterr().err
@@ -285,8 +265,8 @@ def test_repeated_or_miscounted_names_are_refused(
     assert main(["compare", a, b, "--out", str(out), "--names", "x,a b"]) == EXIT_REFUSED
     assert "run name 'a b'" in capsys.readouterr().err
     # Two runs of one family need names of their own.
-    first = _copy(runs["two_seeds"], tmp_path / "first", _family("dora"))
-    second = _copy(runs["other_diff"], tmp_path / "second", _family("dora"))
+    first = copy_run(runs["two_seeds"], tmp_path / "first", _family("dora"))
+    second = copy_run(runs["other_diff"], tmp_path / "second", _family("dora"))
     with pytest.raises(CompareError, match=r"run name 'dora' is given twice .* --names run1,run2"):
         compare_runs([first, second], out)
     assert not out.exists()

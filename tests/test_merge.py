@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from run_folders import copy_run, set_at  # tests/run_folders.py
 
 from ws_harness import merge
 from ws_harness.merge import (
@@ -193,36 +194,17 @@ def test_a_diff_identical_in_both_runs_is_counted_once(runs: dict[str, Path],
     _assert_same_run(out, runs["ab"])
 
 
-def _copy(run: Path, target: Path, edit: Any) -> Path:
-    """A copy of a run folder whose results.json is passed through `edit(data) -> None`."""
-    shutil.copytree(run, target)
-    data = json.loads((target / "results.json").read_text())
-    edit(data)
-    (target / "results.json").write_text(json.dumps(data))
-    return target
-
-
-def _set(path: str, value: Any) -> Any:
-    def edit(data: dict[str, Any]) -> None:
-        *parents, last = path.split(".")
-        node = data
-        for part in parents:
-            node = node[part]
-        node[last] = value
-    return edit
-
-
 @pytest.mark.parametrize(("edit", "expected"), [
-    (_set("inputs.rank", 3), "rank differs: {a} has 4, {b} has 3."),
-    (_set("inputs.model.fingerprint", "0" * 64), "model.fingerprint differs: {a} has \"*"),
-    (_set("inputs.behaviour.name", "flattery"),
+    (set_at("inputs.rank", 3), "rank differs: {a} has 4, {b} has 3."),
+    (set_at("inputs.model.fingerprint", "0" * 64), "model.fingerprint differs: {a} has \"*"),
+    (set_at("inputs.behaviour.name", "flattery"),
      "behaviour.name differs: {a} has \"sycophancy\", {b} has \"flattery\"."),
-    (_set("inputs.diff.mode", "build"), "diff.mode differs: {a} has \"files\", {b} has \"build\"."),
-    (_set("inputs.settings.measure", "all"),
+    (set_at("inputs.diff.mode", "build"), "diff.mode differs: {a} has \"files\", {b} has \"build\"."),
+    (set_at("inputs.settings.measure", "all"),
      "settings.measure differs: {a} has \"top\", {b} has \"all\"."),
     (lambda data: data["inputs"].pop("settings"),
      "settings.harness_code differs: {a} has \"*\", {b} has (not recorded)*"),
-    (_set("hypotheses.my_write.refuted", {}),
+    (set_at("hypotheses.my_write.refuted", {}),
      "hypothesis 'my_write' refuted differs: {a} has {\"r_act\": null, *}, {b} has {}."),
     (lambda data: data["hypotheses"].pop("lm_head_read"),
      "the hypothesis catalog differs: {a} has {\"only here\": [\"lm_head_read\"]}, "
@@ -232,7 +214,7 @@ def test_mismatched_runs_are_refused_naming_the_key_and_both_values(
     runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
     edit: Any, expected: str,
 ) -> None:
-    odd = _copy(runs["b"], tmp_path / "odd", edit)
+    odd = copy_run(runs["b"], tmp_path / "odd", edit)
     out = tmp_path / "merged"
     rc = main_merge([str(runs["a"]), str(odd), "--out", str(out), "--no-gate"])
     err = capsys.readouterr().err
@@ -254,7 +236,7 @@ def test_a_diff_in_two_runs_with_other_results_is_refused(runs: dict[str, Path],
     def nudge(data: dict[str, Any]) -> None:
         data["summaries"][0]["r_act"] *= 1.0000001
 
-    odd = _copy(runs["b"], tmp_path / "odd", nudge)
+    odd = copy_run(runs["b"], tmp_path / "odd", nudge)
     with pytest.raises(MergeError, match=r"diff 'w1' is in both .* with different results"):
         merge_runs([runs["ab"], odd], tmp_path / "merged")
 
@@ -266,7 +248,7 @@ def test_one_diff_under_two_names_is_refused(runs: dict[str, Path], tmp_path: Pa
                 record["diff"] = "w0_copy"
         data["inputs"]["diff"]["diffs"][0]["name"] = "w0_copy"
 
-    odd = _copy(runs["a"], tmp_path / "odd", rename)
+    odd = copy_run(runs["a"], tmp_path / "odd", rename)
     with pytest.raises(MergeError, match=r"diff 'w0' and .*'s diff 'w0_copy' are the same "
                                          r"tensors .*count one diff twice"):
         merge_runs([runs["a"], odd], tmp_path / "merged")
@@ -275,7 +257,7 @@ def test_one_diff_under_two_names_is_refused(runs: dict[str, Path], tmp_path: Pa
 def test_missing_empty_and_self_targets_are_refused(runs: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(MergeError, match="results.json not found"):
         load_run(tmp_path / "nowhere")
-    empty = _copy(runs["a"], tmp_path / "empty", lambda d: d.update(summaries=[]))
+    empty = copy_run(runs["a"], tmp_path / "empty", lambda d: d.update(summaries=[]))
     with pytest.raises(MergeError, match="holds no scores"):
         load_run(empty)
     with pytest.raises(MergeError, match="is one of the runs being merged"):

@@ -26,6 +26,7 @@ from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from ws_harness import __version__, progress
+from ws_harness.progress import pid_alive
 
 __all__ = [
     "CacheWarning",
@@ -361,16 +362,6 @@ def verify_entry(entry: Path) -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, under another user
-        return True
-    return True
-
-
 def _say(message: str) -> None:
     # stderr, not a warning: it is news while the wait lasts, not a summary item afterwards.
     print(message, file=sys.stderr, flush=True)
@@ -447,7 +438,7 @@ class DiskCache:
                 old = now - child.stat().st_mtime > FOREIGN_TMP_MAX_AGE_S
             except FileNotFoundError:
                 continue
-            if (ours and not _pid_alive(int(match["pid"]))) or (not ours and old):
+            if (ours and not pid_alive(int(match["pid"]))) or (not ours and old):
                 shutil.rmtree(child, ignore_errors=True)
 
     @contextmanager

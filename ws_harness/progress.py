@@ -28,6 +28,7 @@ __all__ = [
     "end",
     "expect",
     "own_stderr",
+    "pid_alive",
     "rendering",
     "step",
 ]
@@ -332,7 +333,7 @@ class Renderer:
                     continue  # a line from a newer or broken writer: skip it, keep the rest
         for process in self.state.busy_processes():
             # A killed worker never reports the end of its build (file names are pids).
-            if process.isdigit() and not _pid_alive(int(process)):
+            if process.isdigit() and not pid_alive(int(process)):
                 self.state.forget_jobs(process)
 
     # -- drawing
@@ -464,7 +465,8 @@ class _SharedOutput:
         return getattr(self._inner, name)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (cache locks and event files)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
