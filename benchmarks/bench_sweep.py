@@ -1,7 +1,8 @@
 """Profile the sweep (`pytest hypotheses/`): wall, per-phase wall and CPU, and peak memory.
 
 Each run is one `pytest hypotheses/ -n N` in a subprocess. Peak memory is the largest sum of
-RSS over the pytest process tree, sampled every 0.2 s from /proc; total CPU is the tree's
+RSS, and of PSS (shared pages split between their processes), over the pytest process tree,
+sampled every 0.2 s from /proc/PID/smaps_rollup; total CPU is the tree's
 user+system time (os.times' children fields: pytest and its reaped workers).
 Per-phase figures come from the run's timings.json: every process records wall seconds per
 phase and, under "<phase>.cpu", its CPU seconds; both are summed over processes here, so
@@ -44,21 +45,27 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _tree_rss_mib(root: int) -> float:
-    total, stack, seen = 0, [root], set()
+def _tree_memory_mib(root: int) -> tuple[float, float]:
+    """(RSS, PSS) summed over the process tree, MiB. RSS counts a page shared by N workers
+    (the model read from one memory-mapped file) N times; PSS counts 1/N of it in each, so
+    the PSS sum is what the tree costs the machine."""
+    rss = pss = 0
+    stack, seen = [root], set()
     while stack:
         pid = stack.pop()
         if pid in seen:
             continue
         seen.add(pid)
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
         except OSError:
             continue
         stack += _children(pid)
-    return total / 1024
+    return rss / 1024, pss / 1024
 
 
 def _phases(out: Path) -> dict[str, dict[str, float]]:
@@ -84,13 +91,15 @@ def run(cwd: Path, cache: Path, out: Path, workers: int) -> dict:
     # unread pipe would block pytest's final summary.
     with open(log, "w", encoding="utf-8") as fh:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, text=True)
-        peak = 0.0
+        peak = peak_pss = 0.0
         while proc.poll() is None:
-            peak = max(peak, _tree_rss_mib(proc.pid))
+            rss, pss = _tree_memory_mib(proc.pid)
+            peak, peak_pss = max(peak, rss), max(peak_pss, pss)
             time.sleep(0.2)
     wall = time.perf_counter() - start
     lines = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    return {"wall_s": round(wall, 1), "peak_rss_mib": round(peak), "exit": proc.returncode,
+    return {"wall_s": round(wall, 1), "peak_rss_mib": round(peak),
+            "peak_pss_mib": round(peak_pss), "exit": proc.returncode,
             "result": lines[-1] if lines else "", "phases": _phases(out)}
 
 
@@ -103,11 +112,12 @@ def _checkout(rev: str, tmp: Path) -> Path:
 
 
 def _markdown(rows: list[dict]) -> str:
-    head = ["run", "wall s", "CPU s", "peak RSS MiB", "result"] + [
+    head = ["run", "wall s", "CPU s", "peak RSS MiB", "peak PSS MiB", "result"] + [
         f"{p} wall/CPU" for p in PHASES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["run"], f"{r['wall_s']:.1f}", f"{r['cpu_s']:.0f}", str(r["peak_rss_mib"]),
+                 str(r.get("peak_pss_mib", "–")),
                  r["result"].replace("|", "/")]
         for p in PHASES:
             got = r["phases"].get(p)

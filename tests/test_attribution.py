@@ -116,7 +116,9 @@ def test_c_lin_of_the_identity_is_one(tiny_eval, steered):
     eye = torch.eye(arch.d_model)
     for scope in ("per_layer", "global"):
         res = at.linear_retention([eye] * N_LAYERS, Cs, scope)
-        assert res.c_lin == 1.0 and res.r == 1.0 and res.pct_oracle == 1.0, res
+        assert res.c_lin == 1.0 and res.r == 1.0, res
+        # The oracle's c_lin sums C's eigenvalues, c_lin(I) its trace: equal up to rounding.
+        assert res.pct_oracle == pytest.approx(1.0, abs=1e-12), res
         assert res.c_lin_layers == [1.0] * N_LAYERS
         assert res.null_sd == 0.0 and res.z == 0.0 and res.p == 1.0 and res.reason is None
 

@@ -66,6 +66,27 @@ def test_structured_draws_have_the_law_of_structured_null():
     assert torch.equal(a, nu.structured_null_draws(W, t.factor, k, 300, generator=9).energies(k))
 
 
+def test_coupled_layers_get_the_per_layer_draws_bit_for_bit():
+    """A global basis's null draws each chunk of Z once for every layer: the energies must be
+    exactly those of one structured_null_draws per layer with the same seed (chunks of 70 so
+    a partial last chunk is covered), and a layer of another width is refused."""
+    d, k_max, n = 20, 4, 300
+    Ws = [_anisotropic_w(d, s) for s in (20, 21, 22)]
+    targets = [_weight_target(d, 30 + i, W) for i, W in enumerate(Ws)]
+    coupled = nu.coupled_structured_energies(Ws, [t.factor for t in targets], k_max, n,
+                                             generator=5, chunk=70)
+    for W, t, table in zip(Ws, targets, coupled, strict=True):
+        alone = nu.structured_null_draws(W, t.factor, k_max, n, generator=5, chunk=70)
+        assert table.shape == (k_max, n)
+        for k in range(1, k_max + 1):
+            assert torch.equal(table[k - 1], alone.energies(k))
+    with pytest.raises(ValueError, match="one residual width"):
+        wide = _anisotropic_w(d + 1, 3)
+        nu.coupled_structured_energies([Ws[0], wide],
+                                       [targets[0].factor, _weight_target(d + 1, 4, wide).factor],
+                                       k_max, n)
+
+
 def test_structured_p_is_calibrated_and_detects_a_planted_signal():
     """Bases drawn from the structured null get p ≤ α no more often than α allows (α = 1%, 5%);
     a basis on the target's top directions (where W writes weakly) gets p = 1/(n+1)."""

@@ -245,3 +245,17 @@ def test_a_cold_sweep_shows_its_progress_and_a_warm_one_stays_quiet(
     warm = pytester.runpytest_subprocess(*sweep, "-n", "0")
     assert (pytester.path / "out" / "summary.csv").is_file(), warm.stdout.str()
     assert PREFIX not in warm.stderr.str(), warm.stderr.str()
+
+
+def test_nested_timed_phases_count_once(tiny: HarnessSession) -> None:
+    """A phase timed inside another counts for itself only: the phases add up to the time spent."""
+    import time
+
+    session = HarnessSession(tiny.config)
+    with session.timed("outer"):
+        time.sleep(0.05)
+        with session.timed("inner"):
+            time.sleep(0.2)
+    assert 0.2 <= session.timings["inner"] < 0.3
+    assert 0.05 <= session.timings["outer"] < 0.15  # not 0.25: the inner block is not counted twice
+    assert session.timings["inner.cpu"] < 0.1  # sleeping is wall time, not CPU

@@ -257,3 +257,25 @@ def test_linalg_helpers_known_values():
         la.overlap(torch.eye(3), torch.eye(4))
     with pytest.raises(ValueError, match="at most 3"):
         la.bottom_right_basis(torch.randn(5, 3), 4)
+
+
+def test_per_diff_memos_give_the_uncached_numbers():
+    """oracle_basis and the layer-mean Gram are memoised per target (every basis scored against
+    a diff needs them): the memo returns what a fresh computation gives, and a caller editing
+    the returned basis does not corrupt the next one."""
+    from ws_harness.linalg import left_basis
+    from ws_harness.scores import _mean_gram, mean_spectrum, mean_tr_a2, oracle_basis, weight_target
+
+    g = torch.Generator().manual_seed(0)
+    targets = [weight_target(torch.randn(32, 6, generator=g, dtype=torch.float64)) for _ in range(3)]
+    first = oracle_basis(targets[0], 4)
+    assert torch.equal(first, left_basis(targets[0].factor, 4))
+    first.zero_()
+    assert torch.equal(oracle_basis(targets[0], 4), left_basis(targets[0].factor, 4))
+    assert oracle_basis(targets[0], 2).shape == (32, 2)
+    with_gap = [targets[0], None, targets[2]]
+    for _ in range(2):  # second round: from the memo
+        assert mean_tr_a2(with_gap) == float(_mean_gram(with_gap).square().sum())
+        spectrum = mean_spectrum(with_gap)
+        assert torch.equal(spectrum, torch.linalg.eigvalsh(_mean_gram(with_gap)).flip(0).clamp_min(0.0))
+        spectrum.zero_()

@@ -105,7 +105,7 @@ def path_gradients(
     *,
     roles: Iterable[str] = tuple(ROLES),
     n_nodes: int = 4,
-    batch_size: int = 20,
+    batch_size: int = 4,
     measure: bool = True,
 ) -> PathGradients:
     """Gradients of mean_i m_i averaged over the straight path θ + t·w, t ∈ [−1, 1].
@@ -116,7 +116,9 @@ def path_gradients(
     ``roles`` in the layers w touches and for w's other parameters (needed for s_linear);
     every other parameter has requires_grad False meanwhile. Weights (bit-for-bit, by
     ``weight_steer``), requires_grad flags and ``.grad`` are restored afterwards, also on
-    error. ``measure``: also measure S(w) (two more forward passes).
+    error. ``measure``: also measure S(w) (two more forward passes). ``batch_size`` prompts
+    go through each backward pass: its activations are the memory peak (4 prompts of the
+    135M model: 2.4 GB of process RSS instead of 3.3 GB for 20, in the same time).
     """
     roles = tuple(roles)
     bad = [r for r in roles if r not in ROLES]

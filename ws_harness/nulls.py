@@ -27,6 +27,7 @@ __all__ = [
     "diagonal_null_energies",
     "structured_null_energies",
     "structured_null_draws",
+    "coupled_structured_energies",
     "StructuredDraws",
     "shared_complement_layer_mean_p_value",
     "shared_complement_weights",
@@ -522,6 +523,23 @@ def structured_null_draws(
     with Σ_l ∝ I it is exactly the §4 global null). Distinct seeds give independent layers
     (a per-layer basis's null). Raises ValueError if rank(W) < k_max.
     """
+    T, TF = _structured_setup(W, factor, k_max)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    d = int(T.shape[0])
+    g = _generator(generator)
+    grams, crosses = [], []
+    for lo, hi in _chunks_fixed(n_samples, chunk):
+        gram, cross = _structured_chunk(T, TF, _structured_z(g, d, hi - lo, k_max), hi - lo, k_max)
+        grams.append(gram)
+        crosses.append(cross)
+    return StructuredDraws(torch.cat(grams), torch.cat(crosses), k_max, d)
+
+
+def _structured_setup(W: Tensor, factor: Tensor, k_max: int) -> tuple[Tensor, Tensor]:
+    """Validate one layer's inputs → (T = Σ^{1/2} [d, d], T·F_r [d, r]), float64."""
     factor = _check_factor(factor)
     if not isinstance(W, Tensor):
         raise TypeError(f"W must be a torch.Tensor [d, m], got {type(W).__name__}")
@@ -535,10 +553,6 @@ def structured_null_draws(
     _check_k_d(k_max, d)
     if k_max < 1:
         raise ValueError(f"k_max must be >= 1, got {k_max}")
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
     W64 = W.detach().to("cpu", torch.float64)
     sigma = W64 @ W64.T
     sigma = sigma / sigma.trace()  # orth(TZ) ignores the scale; keeps the numbers well-ranged
@@ -553,18 +567,56 @@ def structured_null_draws(
         raise ValueError("factor is all-zero: there is no target A to score against")
     fe, fv = torch.linalg.eigh(F64 @ F64.T / norm2)  # A = F Fᵀ/‖F‖²: F_r = U_r √λ_r
     keep = fe > 1e-13 * fe.max()
-    TF = T @ (fv[:, keep] * fe[keep].sqrt())  # Yᵀ F_r = Zᵀ (T F_r): T is symmetric
+    return T, T @ (fv[:, keep] * fe[keep].sqrt())  # Yᵀ F_r = Zᵀ (T F_r): T is symmetric
+
+
+def _structured_z(g: torch.Generator, d: int, n: int, k: int) -> Tensor:
+    return torch.randn((d, n * k), generator=g, dtype=torch.float64)  # draw j: columns jk…jk+k−1
+
+
+def _structured_chunk(T: Tensor, TF: Tensor, Z: Tensor, n: int, k: int) -> tuple[Tensor, Tensor]:
+    """Grams Y_jᵀY_j and crosses (Y_jᵀF_r)(F_rᵀY_j) of n draws from one chunk of Z."""
+    Y = (T @ Z).T.reshape(n, k, -1)  # one GEMM per chunk; Y[j] = (T Z_j)ᵀ
+    H = (Z.T @ TF).reshape(n, k, -1)  # [n, k, r] = Z_jᵀ T F_r
+    return Y @ Y.transpose(1, 2), H @ H.transpose(1, 2)
+
+
+def coupled_structured_energies(
+    Ws: Sequence[Tensor],
+    factors: Sequence[Tensor],
+    k_max: int,
+    n_samples: int = DEFAULT_STRUCTURED_P_SAMPLES,
+    generator: torch.Generator | int = 0,
+    *,
+    chunk: int = 500,
+) -> list[Tensor]:
+    """Energy tables [k_max, n] (row k−1: ``StructuredDraws.energies(k)``) of layers that share Z.
+
+    The same numbers as ``structured_null_draws`` called per layer with one seed (a global
+    basis's null couples the layers through that shared Z), but each chunk of Z is drawn once
+    for all layers instead of once per layer: drawing Z was most of the cost. Energies are
+    taken per chunk, so no layer's [n, k_max, k_max] blocks are held past their chunk.
+    """
+    if len(Ws) != len(factors):
+        raise ValueError(f"need one W per factor, got {len(Ws)} and {len(factors)}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    setups = [_structured_setup(W, f, k_max) for W, f in zip(Ws, factors, strict=True)]
+    if not setups:
+        return []
+    d = int(setups[0][0].shape[0])
+    if any(int(T.shape[0]) != d for T, _ in setups):
+        raise ValueError("coupled layers must live in one residual width d")
     g = _generator(generator)
-    grams, crosses = [], []
-    k = k_max
+    parts: list[list[Tensor]] = [[] for _ in setups]
     for lo, hi in _chunks_fixed(n_samples, chunk):
-        n = hi - lo
-        Z = torch.randn((d, n * k), generator=g, dtype=torch.float64)  # draw j: columns jk…jk+k−1
-        Y = (T @ Z).T.reshape(n, k, d)  # one GEMM per chunk; Y[j] = (T Z_j)ᵀ
-        grams.append(Y @ Y.transpose(1, 2))  # [n, k, k]
-        H = (Z.T @ TF).reshape(n, k, -1)  # [n, k, r] = Z_jᵀ T F_r
-        crosses.append(H @ H.transpose(1, 2))
-    return StructuredDraws(torch.cat(grams), torch.cat(crosses), k_max, d)
+        Z = _structured_z(g, d, hi - lo, k_max)
+        for i, (T, TF) in enumerate(setups):
+            draws = StructuredDraws(*_structured_chunk(T, TF, Z, hi - lo, k_max), k_max, d)
+            parts[i].append(torch.stack([draws.energies(k) for k in range(1, k_max + 1)]))
+    return [torch.cat(p, dim=1) for p in parts]
 
 
 def structured_null_energies(

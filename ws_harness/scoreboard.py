@@ -28,6 +28,7 @@ from ws_harness.scores import benjamini_hochberg
 from ws_harness.scoring import (
     DiffTargets,
     EnergyDraws,
+    coupled_energy_tables,
     defined_layers_column,
     score_bases,
     structured_energy_table,
@@ -59,6 +60,7 @@ class Scoreboard:
         self.errors: dict[str, str] = {}
         self._bases: dict[str, list[torch.Tensor | None]] = {}
         self._targets: dict[str, DiffTargets] = {}
+        self._references: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self._touched: dict[str, list[int]] = {}
         self._scores: dict[tuple[str, str], dict[str, Any]] = {}
         self._ceiling_contexts: dict[str, CeilingContext] = {}
@@ -237,6 +239,7 @@ class Scoreboard:
         self.__dict__.pop("fit", None)
         self._ceiling_contexts.clear()
         self._targets.clear()
+        self._references = None
         self.session.forget_loaded()
         shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
         raise HypothesisError(
@@ -285,18 +288,27 @@ class Scoreboard:
             diff = self.diff(diff_name)
             deltas = self.deltas(diff)
             touched = self.touched(diff_name)
-            arch, k = self.session.arch, self.session.config.rank
-            clean = self.session.capture("fit", "clean", "mlp")["resid"]
+            write_weights, clean_pcs = self._base_references
             self._targets[diff_name] = DiffTargets.build(
                 self.session.labels(diff)["eval"], deltas, touched,
-                write_weights=[arch.layer(l).write for l in range(arch.n_layers)],
-                clean_pcs=[pca_basis(clean[l], k) for l in range(arch.n_layers)],
+                write_weights=write_weights, clean_pcs=clean_pcs,
                 causal=self.causal_matrices(diff_name, "write"),
                 causal_read=self.causal_matrices(diff_name, "read"),
                 structured_draws=lambda layer, scope: self.structured_draws(
                     diff_name, layer, scope),
             )
         return self._targets[diff_name]
+
+    @property
+    def _base_references(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """[W_o | W_down] and the top-k clean FIT PCs per layer: from the base model, so one
+        copy serves every diff (each diff's targets held its own: 146 MB each at 135M)."""
+        if self._references is None:
+            arch, k = self.session.arch, self.session.config.rank
+            clean = self.session.capture("fit", "clean", "mlp")["resid"]
+            self._references = ([arch.layer(l).write for l in range(arch.n_layers)],
+                                [pca_basis(clean[l], k) for l in range(arch.n_layers)])
+        return self._references
 
     def structured_draws(self, diff_name: str, layer: int, scope: str) -> EnergyDraws | None:
         """The structured null of one layer (SPEC §4), one cache entry per diff and scope.
@@ -311,11 +323,17 @@ class Scoreboard:
 
             def build() -> dict[str, torch.Tensor]:
                 targets = self.targets(diff_name)
+                layers = [l for l in targets.touched if targets.w_combined[l] is not None]
                 with self.session.timed("structured_null"):
-                    return {f"layer{l}": structured_energy_table(
-                        targets.w_combined[l], targets.write_weights[l].double(), k_max,
-                        schema.STRUCTURED_SAMPLES, l if scope == "per_layer" else 0)
-                        for l in targets.touched if targets.w_combined[l] is not None}
+                    if scope == "per_layer":
+                        return {f"layer{l}": structured_energy_table(
+                            targets.w_combined[l], targets.write_weights[l].double(), k_max,
+                            schema.STRUCTURED_SAMPLES, l) for l in layers}
+                    tables = coupled_energy_tables(
+                        [targets.w_combined[l] for l in layers],
+                        [targets.write_weights[l] for l in layers], k_max,
+                        schema.STRUCTURED_SAMPLES, 0)
+                    return {f"layer{l}": t for l, t in zip(layers, tables, strict=True)}
 
             self._structured[key] = self.session.cache.get_or_build_tensors(
                 "structured_null", self.session.cache_parts(

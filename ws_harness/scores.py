@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal
 
 import numpy as np
@@ -111,6 +111,8 @@ class Target:
     kind: str = "custom"
     norm2: float = field(init=False)
     tr_a2: float = field(init=False)
+    # k → top-k eigenvectors of A: the same for every basis scored against this target.
+    _oracles: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         F = _check_2d(self.factor, "factor", "[d, m]")
@@ -256,6 +258,18 @@ def _mean_gram(targets: Sequence[Target | None]) -> Tensor:
     return G / L
 
 
+@lru_cache(maxsize=16)
+def _mean_gram_of(targets: tuple[Target | None, ...]) -> Tensor:
+    # Ā depends on the diff only, and every global basis's summary needs it: keep the last
+    # few (Targets hash by identity, and the cache's references keep those ids unique).
+    return _mean_gram(targets)
+
+
+@lru_cache(maxsize=16)
+def _mean_spectrum_of(targets: tuple[Target | None, ...]) -> Tensor:
+    return torch.linalg.eigvalsh(_mean_gram_of(targets)).flip(0).clamp_min(0.0).cpu()
+
+
 def mean_tr_a2(targets: Sequence[Target | None]) -> float:
     """tr(Ā²) for Ā = mean_l A_l over the non-None targets (float64); NaN if there are none.
 
@@ -264,7 +278,7 @@ def mean_tr_a2(targets: Sequence[Target | None]) -> float:
     """
     if all(t is None for t in targets):
         return math.nan
-    return float(_mean_gram(targets).square().sum())
+    return float(_mean_gram_of(tuple(targets)).square().sum())
 
 
 def mean_spectrum(targets: Sequence[Target | None]) -> Tensor:
@@ -272,7 +286,7 @@ def mean_spectrum(targets: Sequence[Target | None]) -> Tensor:
 
     Used by the saddlepoint p-value of a global basis; Σλ² = ``mean_tr_a2(targets)``.
     """
-    return torch.linalg.eigvalsh(_mean_gram(targets)).flip(0).clamp_min(0.0).cpu()
+    return _mean_spectrum_of(tuple(targets)).clone()
 
 
 @dataclass(frozen=True)
@@ -548,7 +562,9 @@ def oracle_basis(target: Target, k: int) -> Tensor:
     By Ky Fan no rank-k basis has higher E; used for act_oracle and w_oracle_T.
     """
     target = _require_target(target, "oracle_basis")
-    return left_basis(target.factor, k)
+    if k not in target._oracles:  # an SVD of F per call was half the cost of scoring a basis
+        target._oracles[k] = left_basis(target.factor, k)
+    return target._oracles[k].clone()
 
 
 def oracle_energy(target: Target, k: int) -> float:

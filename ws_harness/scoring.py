@@ -23,7 +23,8 @@ from ws_harness.scores import (
     weight_target,
 )
 
-__all__ = ["DiffTargets", "EnergyDraws", "score_bases", "structured_energy_table"]
+__all__ = ["DiffTargets", "EnergyDraws", "coupled_energy_tables", "score_bases",
+           "structured_energy_table"]
 
 
 @dataclass
@@ -134,6 +135,15 @@ def structured_energy_table(target: Target, W: torch.Tensor, k_max: int, n_sampl
 
     draws = structured_reference(target, W, k_max, n_samples=n_samples, generator=seed)
     return torch.stack([draws.energies(k) for k in range(1, k_max + 1)])
+
+
+def coupled_energy_tables(targets: Sequence[Target], Ws: Sequence[torch.Tensor], k_max: int,
+                          n_samples: int, seed: int) -> list[torch.Tensor]:
+    """The tables of `structured_energy_table` for layers drawn with one shared seed (a global
+    basis's null), each chunk of Gaussians drawn once for all of them."""
+    from ws_harness.nulls import coupled_structured_energies
+
+    return coupled_structured_energies(Ws, [t.factor for t in targets], k_max, n_samples, seed)
 
 
 def _mean_defined(values: Sequence[float]) -> float:

@@ -76,6 +76,7 @@ class HarnessSession:
         self.config = config
         self.cache = DiskCache(config.cache_dir)
         self.timings: dict[str, float] = {}
+        self._timer_stack: list[list[float]] = []
         self._diffs: list[Diff] | None = None  # the run's diffs, once loaded/built and checked
         self._labels: dict[str, dict[str, torch.Tensor]] = {}  # diff sha256 → labels
         self._attribution: dict[str, dict[str, torch.Tensor]] = {}  # diff sha256 → C matrices
@@ -84,14 +85,26 @@ class HarnessSession:
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
         """Add the block's wall seconds to timings[phase] and its CPU seconds (this process,
-        every thread) to timings[phase + '.cpu']: waiting on a lock costs wall, not CPU."""
+        every thread) to timings[phase + '.cpu']: waiting on a lock costs wall, not CPU.
+
+        Exclusive: a timed block inside another (scores building the labels it needs) counts
+        for its own phase only, so the phases add up to the time spent instead of counting
+        nested work twice.
+        """
         start, cpu = time.perf_counter(), time.process_time()
+        nested = [0.0, 0.0]  # wall, CPU of the timed blocks inside this one
+        self._timer_stack.append(nested)
         try:
             yield
         finally:
-            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
+            self._timer_stack.pop()
+            wall, used = time.perf_counter() - start, time.process_time() - cpu
+            self.timings[phase] = self.timings.get(phase, 0.0) + wall - nested[0]
             key = f"{phase}.cpu"
-            self.timings[key] = self.timings.get(key, 0.0) + time.process_time() - cpu
+            self.timings[key] = self.timings.get(key, 0.0) + used - nested[1]
+            if self._timer_stack:
+                self._timer_stack[-1][0] += wall
+                self._timer_stack[-1][1] += used
 
     # ---- inputs ------------------------------------------------------------------------
     # A warm run (every result cached) needs the model's identity, shape, prompts and answer
