@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -113,6 +113,7 @@ class Target:
     tr_a2: float = field(init=False)
     # k → top-k eigenvectors of A: the same for every basis scored against this target.
     _oracles: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)
+    _layer_means: dict[tuple, tuple] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         F = _check_2d(self.factor, "factor", "[d, m]")
@@ -258,16 +259,28 @@ def _mean_gram(targets: Sequence[Target | None]) -> Tensor:
     return G / L
 
 
-@lru_cache(maxsize=16)
-def _mean_gram_of(targets: tuple[Target | None, ...]) -> Tensor:
-    # Ā depends on the diff only, and every global basis's summary needs it: keep the last
-    # few (Targets hash by identity, and the cache's references keep those ids unique).
-    return _mean_gram(targets)
+def _layer_mean_memo(targets: Sequence[Target | None], what: str,
+                     compute: Callable[[], Tensor]) -> Tensor:
+    """Ā's Gram or spectrum, computed once per set of layer targets: it depends on the diff
+    only, and every global basis's summary needs it. Kept on the first target, so it lives
+    exactly as long as the targets do (the entry also holds them, which keeps the ids valid)."""
+    used = tuple(t for t in targets if t is not None)
+    if not used:
+        return compute()  # raises the "no defined layer" error
+    key = (what, tuple(id(t) for t in targets))
+    memo = used[0]._layer_means
+    if key not in memo:
+        memo[key] = (tuple(targets), compute())
+    return memo[key][1]
 
 
-@lru_cache(maxsize=16)
-def _mean_spectrum_of(targets: tuple[Target | None, ...]) -> Tensor:
-    return torch.linalg.eigvalsh(_mean_gram_of(targets)).flip(0).clamp_min(0.0).cpu()
+def _mean_gram_of(targets: Sequence[Target | None]) -> Tensor:
+    return _layer_mean_memo(targets, "gram", lambda: _mean_gram(targets))
+
+
+def _mean_spectrum_of(targets: Sequence[Target | None]) -> Tensor:
+    return _layer_mean_memo(targets, "spectrum", lambda: torch.linalg.eigvalsh(
+        _mean_gram_of(targets)).flip(0).clamp_min(0.0).cpu())
 
 
 def mean_tr_a2(targets: Sequence[Target | None]) -> float:
@@ -278,7 +291,7 @@ def mean_tr_a2(targets: Sequence[Target | None]) -> float:
     """
     if all(t is None for t in targets):
         return math.nan
-    return float(_mean_gram_of(tuple(targets)).square().sum())
+    return float(_mean_gram_of(targets).square().sum())
 
 
 def mean_spectrum(targets: Sequence[Target | None]) -> Tensor:
@@ -286,7 +299,7 @@ def mean_spectrum(targets: Sequence[Target | None]) -> Tensor:
 
     Used by the saddlepoint p-value of a global basis; Σλ² = ``mean_tr_a2(targets)``.
     """
-    return _mean_spectrum_of(tuple(targets)).clone()
+    return _mean_spectrum_of(targets).clone()
 
 
 @dataclass(frozen=True)
