@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None,
                         help="the cache of warm runs (default: the one the label's last run used)")
     parser.add_argument("--markdown", type=Path, default=None, help="append a table to this file")
+    parser.add_argument("--keep-out", type=Path, default=None,
+                        help="write each label's out folder (tables, report) here and keep it")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="ws-bench-") as tmp_name:
@@ -150,7 +152,9 @@ def main() -> None:
             before = os.times()
             # One out folder per label, as a user reruns into ws-out: a warm rerun then finds
             # the plots of identical results already drawn (report.PLOT_STAMP).
-            result = run(cwd, cache, tmp / f"out-{label}", int(workers))
+            outs = args.keep_out.resolve() if args.keep_out else tmp
+            outs.mkdir(parents=True, exist_ok=True)
+            result = run(cwd, cache, outs / f"out-{label}", int(workers))
             after = os.times()
             # children_user/system: CPU of every reaped descendant (pytest and its workers).
             result["cpu_s"] = round((after.children_user - before.children_user)
