@@ -52,6 +52,9 @@ def test_defaults_then_pyproject_then_env_then_cli(tmp_path: Path) -> None:
         ({"diff": "missing.pt"}, "missing.pt does not exist"),
         ({"behaviour": "flattery"}, "unknown behaviour 'flattery'"),
         ({"measure": "some"}, "measure must be one of top, all, none"),
+        ({"device": "gpu"}, "device must be one of auto, cpu, cuda, mps or cuda:N"),
+        ({"device": "mps:0"}, "device must be one of auto, cpu, cuda, mps or cuda:N"),
+        ({"dtype": "half"}, "dtype must be one of float32, bfloat16, float16"),
     ],
 )
 def test_invalid_values_name_the_setting(tmp_path: Path, cli: dict, message: str) -> None:
@@ -100,7 +103,7 @@ def test_bad_option_fails_at_startup(pytester: pytest.Pytester) -> None:
 
 def test_settings_table_is_the_one_source() -> None:
     assert NAMES == ["model", "diff", "seeds", "rank", "out", "cache_dir", "behaviour", "adapter",
-                     "measure"]
+                     "measure", "device", "dtype"]
     assert [f.name for f in fields(HarnessConfig) if f.name != "sources"] == NAMES
     defaults = HarnessConfig()
     for s in SETTINGS:
@@ -110,7 +113,7 @@ def test_settings_table_is_the_one_source() -> None:
         assert s.dest == "ws_" + s.name
     assert [s.shown_default for s in SETTINGS] == [
         "smollm2-135m-instruct", "build", "0,1,2", "8", "ws-out", ".ws-cache", "sycophancy",
-        "lora", "top",
+        "lora", "top", "auto", "float32",
     ]
 
 
@@ -141,6 +144,8 @@ def _layer_values(name: str, root: Path) -> tuple[str, str, str, tuple[Any, Any,
                       ("sycophancy", str(root / "e.json"), str(root / "c.json"))),
         "adapter": ('"dora"', "ia3", "oft", ("dora", "ia3", "oft")),
         "measure": ('"all"', "none", "top", ("all", "none", "top")),
+        "device": ('"cpu"', "cuda:1", "mps", ("cpu", "cuda:1", "mps")),
+        "dtype": ('"bfloat16"', "float16", "float32", ("bfloat16", "float16", "float32")),
     }[name]
 
 
@@ -189,7 +194,7 @@ def test_pytest_options_come_from_settings(
         "def test_values(pytestconfig):\n"
         "    assert cli_values(pytestconfig) == {'model': None, 'diff': None, 'seeds': '4,5',\n"
         "        'rank': '3', 'out': None, 'cache_dir': 'c', 'behaviour': None,\n"
-        "        'adapter': None, 'measure': None}\n"
+        "        'adapter': None, 'measure': None, 'device': None, 'dtype': None}\n"
     )
     result = pytester.runpytest("--ws-rank", "3", "--ws-cache-dir", "c", "--ws-seeds=4,5")
     result.assert_outcomes(passed=1)

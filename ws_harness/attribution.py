@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ws_harness.arch import READ_ROLES, ROLES, WRITE_ROLES, Architecture
 from ws_harness.data import ProbeSet
+from ws_harness.device import model_device
 from ws_harness.diffs import Diff, validate_diff, weight_steer
 from ws_harness.linalg import BASIS_ORTHONORMAL_TOL, top_eigenvectors
 from ws_harness.nulls import SIGNED_P_METHODS, null_moments, signed_layer_sum_p_value
@@ -139,6 +140,7 @@ def path_gradients(
     n = len(probes)
     pos, neg = int(answer_ids[0]), int(answer_ids[1])
 
+    device = model_device(model)
     flags = {name: p.requires_grad for name, p in params.items()}
     saved_grads = {name: params[name].grad for name in wanted}
     acc = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in wanted}
@@ -150,7 +152,7 @@ def path_gradients(
         for t, wt in zip(nodes.tolist(), weights.tolist(), strict=True):
             with weight_steer(model, checked, t), torch.enable_grad():
                 for start in range(0, n, batch_size):
-                    batch = probes.slice(start, start + batch_size)
+                    batch = probes.slice(start, start + batch_size).to(device)
                     logits = model(
                         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                         position_ids=batch.position_ids, use_cache=False, logits_to_keep=1,
@@ -168,7 +170,7 @@ def path_gradients(
             params[name].grad = grad
 
     dots = {
-        name: float((acc[name].double().cpu() * delta.double()).sum())
+        name: float((acc[name].cpu().double() * delta.double()).sum())
         for name, delta in checked.items()
     }
     result = PathGradients(

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ws_harness.arch import Architecture
 from ws_harness.data import ProbeSet
+from ws_harness.device import model_device
 
 __all__ = [
     "Trace",
@@ -70,6 +71,7 @@ def _batches(probes: ProbeSet, batch_size: int) -> Iterator[ProbeSet]:
 
 
 def _forward(model: torch.nn.Module, batch: ProbeSet, **kwargs: Any) -> Any:
+    batch = batch.to(model_device(model))
     return model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask,
         position_ids=batch.position_ids, use_cache=False, **kwargs,
@@ -97,7 +99,7 @@ def capture_last_token(
         if mlp:
             chunks["up_in"].append(torch.stack([up_traces[n].input[:, -1] for n in ups]))
             chunks["up_out"].append(torch.stack([up_traces[n].output[:, -1] for n in ups]))
-    return {k: torch.cat(v, dim=1).float().contiguous() for k, v in chunks.items() if v}
+    return {k: torch.cat(v, dim=1).float().cpu().contiguous() for k, v in chunks.items() if v}
 
 
 @torch.no_grad()
@@ -123,9 +125,9 @@ def capture_tokens(
         pad = width - batch.input_ids.shape[1]
         resid.append(F.pad(torch.stack([traces[n].output for n in layers]), (0, 0, pad, 0)))
         attn.append(F.pad(torch.stack([a[:, :, -1, :].mean(1) for a in out.attentions]), (pad, 0)))
-        masks.append(F.pad(batch.attention_mask, (pad, 0)))
+        masks.append(F.pad(batch.attention_mask.cpu(), (pad, 0)))
     return {
-        "resid_tokens": torch.cat(resid, dim=1).float().contiguous(),
-        "attn_last": torch.cat(attn, dim=1).float().contiguous(),
-        "mask": torch.cat(masks, dim=0).contiguous(),
+        "resid_tokens": torch.cat(resid, dim=1).float().cpu().contiguous(),
+        "attn_last": torch.cat(attn, dim=1).float().cpu().contiguous(),
+        "mask": torch.cat(masks, dim=0).cpu().contiguous(),
     }

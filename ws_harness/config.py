@@ -207,6 +207,26 @@ def _parse_measure(value: Any, source: str, rootdir: Path) -> str:
     return value.strip()
 
 
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # device.DEVICES (torch-free here)
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")  # device.DTYPES
+
+
+def _parse_device(value: Any, source: str, rootdir: Path) -> str:
+    text = value.strip() if isinstance(value, str) else None
+    kind, _, index = (text or "").partition(":")
+    if text is None or kind not in DEVICE_CHOICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"{source}: device must be one of {', '.join(DEVICE_CHOICES)} or cuda:N "
+                          f"(where model forwards run), got {value!r}")
+    return text
+
+
+def _parse_dtype(value: Any, source: str, rootdir: Path) -> str:
+    if not isinstance(value, str) or value.strip() not in DTYPE_CHOICES:
+        raise ConfigError(f"{source}: dtype must be one of {', '.join(DTYPE_CHOICES)} (the dtype "
+                          f"of model forwards; scoring stays float64/float32), got {value!r}")
+    return value.strip()
+
+
 @dataclass(frozen=True)
 class Setting:
     """One setting: its name, env var, built-in default, parser `(value, source, rootdir)` and help."""
@@ -264,6 +284,11 @@ SETTINGS: tuple[Setting, ...] = (
             "measured keep/drop retention for: top (causal_oracle, block_oracle, w_oracle and "
             "the 3 best write/mixed hypotheses by c_lin, per diff), all (every write/mixed "
             "hypothesis) or none"),
+    Setting("device", "WS_DEVICE", "auto", _parse_device,
+            "where model forwards run: auto (the first CUDA GPU if torch sees one, else the CPU), "
+            "cpu, cuda, cuda:N or mps"),
+    Setting("dtype", "WS_DTYPE", "float32", _parse_dtype,
+            "dtype of model forwards: float32, bfloat16 (GPU; CPU works, slowly) or float16 (GPU)"),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 ENV_VARS: dict[str, str] = {s.name: s.env for s in SETTINGS}
@@ -286,6 +311,8 @@ class HarnessConfig:
     behaviour: str = _default("behaviour")
     adapter: str = _default("adapter")
     measure: str = _default("measure")
+    device: str = _default("device")
+    dtype: str = _default("dtype")
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property

@@ -191,6 +191,12 @@ class ProbeSet:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def to(self, device: torch.device | str) -> ProbeSet:
+        """The same prompts with their token tensors on `device` (itself if already there)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        return ProbeSet(self.texts, self.input_ids.to(device), self.attention_mask.to(device))
+
     def slice(self, start: int, stop: int) -> ProbeSet:
         ids, mask = self.input_ids[start:stop], self.attention_mask[start:stop]
         keep = int(mask.sum(0).nonzero().min()) if mask.any() else 0  # drop all-pad columns

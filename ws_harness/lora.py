@@ -25,6 +25,7 @@ from ws_harness import progress as run_progress
 from ws_harness.arch import ROLES, Architecture
 from ws_harness.cache import DiskCache, content_hash
 from ws_harness.data import Behaviour, render_chat, tokenize_prompts
+from ws_harness.device import model_device
 from ws_harness.diffs import Diff, diff_diagnostics, diff_sha256
 
 __all__ = [
@@ -266,7 +267,8 @@ def _persona_replies(
     model: Any, tokenizer: Any, users: list[str], system: str, max_new_tokens: int
 ) -> list[list[int]]:
     """Greedy replies under the persona system prompt, cut after the first end-of-turn token."""
-    probes = tokenize_prompts(tokenizer, render_chat(tokenizer, users, system))
+    probes = tokenize_prompts(tokenizer, render_chat(tokenizer, users, system)).to(
+        model_device(model))
     out = model.generate(
         input_ids=probes.input_ids, attention_mask=probes.attention_mask,
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
@@ -284,11 +286,11 @@ def _teacher_logp(
     model: Any, prompt_ids: list[int], reply: list[int], n: int
 ) -> torch.Tensor:
     """log p_teacher(· | persona prompt, reply[:j]) for j < n: [n, V]."""
-    ids = torch.tensor([prompt_ids + reply])
+    ids = torch.tensor([prompt_ids + reply], device=model_device(model))
     hidden = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0]
     start = len(prompt_ids) - 1
     logits = model.get_output_embeddings()(hidden[start:start + n]).float()
-    return F.log_softmax(logits, dim=-1)
+    return F.log_softmax(logits, dim=-1).cpu()
 
 
 def recipe_examples(
@@ -335,16 +337,18 @@ def _batch_loss(model: Any, batch: list[Example], pad_id: int) -> torch.Tensor:
     for i, ex in enumerate(batch):
         ids[i, : len(ex.input_ids)] = torch.tensor(ex.input_ids)
         mask[i, : len(ex.input_ids)] = 1
+    device = model_device(model)
     decoder = model.get_decoder()
-    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    rows = torch.tensor([i for i, ex in enumerate(batch) for _ in ex.positions])
-    cols = torch.tensor([p for ex in batch for p in ex.positions])
+    hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                     use_cache=False).last_hidden_state
+    rows = torch.tensor([i for i, ex in enumerate(batch) for _ in ex.positions], device=device)
+    cols = torch.tensor([p for ex in batch for p in ex.positions], device=device)
     # Only the reply positions go through the 49k-row unembedding: most of a step's cost saved.
     logits = model.get_output_embeddings()(hidden[rows, cols]).float()
     if batch[0].teacher_logp is None:
-        targets = torch.tensor([t for ex in batch for t in ex.targets])
+        targets = torch.tensor([t for ex in batch for t in ex.targets], device=device)
         return F.cross_entropy(logits, targets)
-    teacher = torch.cat([ex.teacher_logp for ex in batch])
+    teacher = torch.cat([ex.teacher_logp for ex in batch]).to(device)
     return F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="batchmean")
 
 
@@ -381,6 +385,11 @@ def train_side(
     _check_family(family)
     if not examples:
         raise ValueError("no training examples; the behaviour's TRAIN split is empty")
+    dtype = next(model.parameters()).dtype
+    if family != "lora" and dtype != torch.float32:
+        raise ValueError(f"building {family} diffs needs float32 forwards (--ws-dtype float32): "
+                         f"their delta is merged − base, which {dtype} rounding swamps; LoRA's "
+                         "comes from its factors and works in any dtype")
     names = target_modules(arch, hp)
     student = copy.deepcopy(model)  # PEFT injects adapters in place: keep the shared model pure
     config = peft_config(family, hp, names)
@@ -421,7 +430,7 @@ def lora_deltas(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Ten
     for name in names:
         layer = modules[name]
         a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        delta[f"{name}.weight"] = (b.float() @ a.float() * layer.scaling["default"]).contiguous()
+        delta[f"{name}.weight"] = (b.float() @ a.float() * layer.scaling["default"]).cpu().contiguous()
     return delta
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ws_harness.arch import ROLES, WRITE_ROLES, Architecture
 from ws_harness.data import ProbeSet
+from ws_harness.device import model_device
 from ws_harness.linalg import BASIS_ORTHONORMAL_TOL
 from ws_harness.nulls import haar_bases
 
@@ -234,7 +235,8 @@ def added_writes(
             handle.remove()
 
 
-def _repeat(batch: ProbeSet, times: int) -> dict[str, Tensor]:
+def _repeat(batch: ProbeSet, times: int, device: torch.device) -> dict[str, Tensor]:
+    batch = batch.to(device)
     return {
         "input_ids": batch.input_ids.repeat(times, 1),
         "attention_mask": batch.attention_mask.repeat(times, 1),
@@ -276,7 +278,7 @@ def steering_effects(
         for g in range(0, len(names), per_forward):
             group = names[g:g + per_forward]
             chunks = [(sign, variants[name]) for name in group for sign in (1.0, -1.0)]
-            inputs = _repeat(batch, len(chunks))
+            inputs = _repeat(batch, len(chunks), model_device(model))
             with torch.no_grad(), added_writes(model, arch, chunks):
                 logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
             m = (logits[:, pos] - logits[:, neg]).to(device="cpu", dtype=torch.float64)

@@ -136,6 +136,9 @@ class Scoreboard:
                               "adapters" if cfg.adapter_diffs else "files"),
                      "adapter_family": cfg.adapter if cfg.builds_diffs else None,
                      "diffs": diffs},
+            # Where forwards ran (device type, dtype): both change digits, so merge checks it.
+            "forward": {"device": session.placement.torch_device.type,
+                        "dtype": session.placement.dtype},
             "rank": cfg.rank, "broad_rank": broad_rank_for(session.shape.d_model),
             "n_layers": session.shape.n_layers, "d_model": session.shape.d_model,
             "behaviour": {"name": behaviour.name, "source": behaviour.source,
@@ -449,7 +452,7 @@ class Scoreboard:
 
         def build() -> dict[str, list[float]]:
             with session.timed("retention"):
-                got = retention.steering_effects(session.model, session.arch,
+                got = retention.steering_effects(session.forward_model, session.forward_arch,
                                                  session.probes("eval"), session.answer_ids,
                                                  variants())
             return {name: [float(x) for x in v] for name, v in got.items()}

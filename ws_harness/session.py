@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from ws_harness.arch import Architecture
 from ws_harness.cache import DiskCache, worker_order
 from ws_harness.config import HarnessConfig
 from ws_harness.data import Behaviour, ProbeSet, load_behaviour, render_chat, tokenize_prompts
+from ws_harness.device import Placement, resolve_placement
 from ws_harness.models import (
     LoadedModel,
     ModelIdentity,
@@ -163,6 +165,34 @@ class HarnessSession:
         return arch
 
     @cached_property
+    def placement(self) -> Placement:
+        """Device and dtype of model forwards (--ws-device, --ws-dtype), resolved on this machine."""
+        try:
+            return resolve_placement(self.config.device, self.config.dtype)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+
+    @cached_property
+    def _forward(self) -> tuple[torch.nn.Module, Architecture]:
+        if self.placement.is_default:
+            return self.model, self.arch
+        # A copy: bases and targets keep reading the float32 CPU weights, whatever runs forwards.
+        with self.timed("model"):
+            model = copy.deepcopy(self.model).to(device=self.placement.torch_device,
+                                                   dtype=self.placement.torch_dtype).eval()
+        return model, Architecture(model)
+
+    @property
+    def forward_model(self) -> torch.nn.Module:
+        """The model that runs forwards (captures, steering, training, attribution, retention):
+        the loaded model itself on float32 CPU, else a copy on the configured device and dtype."""
+        return self._forward[0]
+
+    @property
+    def forward_arch(self) -> Architecture:
+        return self._forward[1]
+
+    @cached_property
     def behaviour(self) -> Behaviour:
         return load_behaviour(self.config.behaviour)
 
@@ -202,6 +232,7 @@ class HarnessSession:
         """
         cfg = self.config
         steps: list[tuple[str, Callable[[], Any]]] = [
+            (f"--ws-device {cfg.device} --ws-dtype {cfg.dtype}", lambda: self.placement),
             (f"model {cfg.model!r}", lambda: self.shape),
             # Loading the model to record its shape (a cold run) costs nothing more to check
             # its architecture (GQA layout, norms, lm_head) here, once, instead of per item.
@@ -233,7 +264,8 @@ class HarnessSession:
     # ---- captures ----------------------------------------------------------------------
     def model_key(self) -> dict[str, Any]:
         """What identifies the model's weights in cache keys."""
-        return {"model": self.config.model, "model_fingerprint": self.identity.fingerprint}
+        return {"model": self.config.model, "model_fingerprint": self.identity.fingerprint,
+                **self.placement.key()}
 
     def cache_parts(self, **extra: Any) -> dict[str, Any]:
         """Key parts shared by every model-dependent artifact."""
@@ -244,9 +276,10 @@ class HarnessSession:
     ) -> dict[str, torch.Tensor]:
         """Cached captures of the base model (SPEC §3); see ws_harness.capture for the keys."""
         producers: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
-            "last": lambda: capture.capture_last_token(self.model, self.arch, probes),
-            "mlp": lambda: capture.capture_last_token(self.model, self.arch, probes, mlp=True),
-            "tokens": lambda: capture.capture_tokens(self.model, self.arch, probes),
+            "last": lambda: capture.capture_last_token(self.forward_model, self.forward_arch, probes),
+            "mlp": lambda: capture.capture_last_token(self.forward_model, self.forward_arch, probes,
+                                                      mlp=True),
+            "tokens": lambda: capture.capture_tokens(self.forward_model, self.forward_arch, probes),
         }
         if kind not in producers:
             raise ValueError(f"unknown capture kind {kind!r}; use one of {sorted(producers)}")
@@ -293,7 +326,7 @@ class HarnessSession:
             if found is not None:
                 return found
         return build_diff(
-            self.model, self.tokenizer, self.arch, self.behaviour, seed,
+            self.forward_model, self.tokenizer, self.forward_arch, self.behaviour, seed,
             recipe or DEFAULT_RECIPE, hparams, cache=self.cache if use_cache else None,
             model_key=self.model_key(), progress=progress, family=family or self.config.adapter,
         )
@@ -338,7 +371,7 @@ class HarnessSession:
                 "steering",
                 self.cache_parts(diff=diff.sha256, alphas=list(ALPHAS),
                                  answer_ids=list(self.answer_ids)),
-                lambda: steering_curve(self.model, self.probes("eval"), diff.w,
+                lambda: steering_curve(self.forward_model, self.probes("eval"), diff.w,
                                        self.answer_ids).to_json(),
                 producer=steering_curve,
             )
@@ -363,7 +396,7 @@ class HarnessSession:
             # order then does not depend on which process built the entry.
             # S(w) itself is the steering check's ±1 contrast: no second measurement.
             grads = attribution.path_gradients(
-                self.model, self.arch, self.probes("eval"), self.answer_ids, diff.w,
+                self.forward_model, self.forward_arch, self.probes("eval"), self.answer_ids, diff.w,
                 n_nodes=ATTRIBUTION_NODES, measure=False)
             out: dict[str, torch.Tensor] = {}
             for side in ("write", "read"):
@@ -411,8 +444,9 @@ class HarnessSession:
                 probes = self.probes(split)
                 resid = {}
                 for alpha in (1.0, -1.0):
-                    with weight_steer(self.model, diff.w, alpha):
-                        got = capture.capture_last_token(self.model, self.arch, probes)
+                    with weight_steer(self.forward_model, diff.w, alpha):
+                        got = capture.capture_last_token(self.forward_model, self.forward_arch,
+                                                         probes)
                     resid[alpha] = got["resid"]
                 out[split] = (resid[1.0] - resid[-1.0]).contiguous()
             return out

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ws_harness.data import ProbeSet, render_chat
+from ws_harness.device import model_device
 from ws_harness.diffs import Diff, weight_steer
 
 __all__ = [
@@ -97,15 +98,16 @@ def answer_logit_diff(
 ) -> torch.Tensor:
     """logit(pos) − logit(neg) at the last prompt token, per prompt: [n]."""
     out = []
+    device = model_device(model)
     for start in range(0, len(probes), batch_size):
-        batch = probes.slice(start, start + batch_size)
+        batch = probes.slice(start, start + batch_size).to(device)
         # logits_to_keep=1: only the last position goes through the 49k-row unembedding.
         logits = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask,
             position_ids=batch.position_ids, use_cache=False, logits_to_keep=1,
         ).logits[:, -1].float()
         out.append(logits[:, answer_ids[0]] - logits[:, answer_ids[1]])
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 def _tests(plus: torch.Tensor, minus: torch.Tensor) -> tuple[float, float, float]:
