@@ -148,3 +148,18 @@ def test_a_bad_placement_is_an_input_error_of_the_session(tiny: HarnessSession) 
     session = HarnessSession(replace(tiny.config, device="cpu", dtype="float16"))
     with pytest.raises(InputError, match="float16 needs a GPU"):
         session.preflight()
+
+
+def test_weight_steer_in_bfloat16_rounds_once_and_restores(
+    bf16: HarnessSession, tiny: HarnessSession, steering_diff: Callable[..., dict]
+) -> None:
+    from ws_harness.diffs import weight_steer
+
+    w = steering_diff(tiny)
+    name = next(iter(w))
+    param = dict(bf16.forward_model.named_parameters())[name]
+    before = param.detach().clone()
+    with weight_steer(bf16.forward_model, w, 1.0):
+        expected = (before.float() + w[name].float()).to(torch.bfloat16)
+        assert torch.equal(param, expected)
+    assert torch.equal(param, before)

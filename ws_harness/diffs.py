@@ -396,7 +396,12 @@ def weight_steer(
                 for key, delta in checked.items():
                     param = params[key]
                     saved[key] = param.detach().clone()
-                    param.add_(delta.to(device=param.device, dtype=param.dtype), alpha=alpha)
+                    if param.dtype == torch.float32:
+                        param.add_(delta.to(device=param.device, dtype=param.dtype), alpha=alpha)
+                    else:  # bfloat16/float16: add in float32, round once (not delta, then sum)
+                        sum32 = param.float() + alpha * delta.to(device=param.device,
+                                                                  dtype=torch.float32)
+                        param.copy_(sum32.to(param.dtype))
         yield model
     finally:
         with torch.no_grad():
