@@ -80,6 +80,11 @@ def test_snapshot_names_follow_the_configuration(tmp_path: Path) -> None:
                  {"name": f"seed{s}", "seed": s, "source": "built:scripted"} for s in (0, 1, 2)]}}
     assert snapshot_name({**built, "rank": 8}) == (
         "ranking__smollm2-135m-instruct__build-scripted-s0.1.2__k8__sycophancy.json")
+    # float32 forwards share a snapshot on any device; bfloat16 ones keep their own.
+    assert snapshot_name({**built, "rank": 8, "forward": {"device": "cuda", "dtype": "float32"}}) \
+        == snapshot_name({**built, "rank": 8})
+    assert snapshot_name({**built, "rank": 8, "forward": {"device": "cuda", "dtype": "bfloat16"}}) \
+        == "ranking__smollm2-135m-instruct__build-scripted-s0.1.2__k8__sycophancy__bfloat16.json"
     local = {**INPUTS, "model": {"spec": str(tmp_path), "fingerprint": "1234abcd" * 8},
              "behaviour": {"name": "mine", "source": "/x/mine.json", "fingerprint": "9" * 64}}
     assert snapshot_name(local) == (

@@ -160,7 +160,12 @@ def snapshot_name(inputs: dict[str, Any]) -> str:
     behaviour_part = _slug(str(behaviour.get("name", "behaviour")))
     if not str(behaviour.get("source", "")).startswith("ws_harness/behaviours/"):
         behaviour_part += f"-{str(behaviour.get('fingerprint', ''))[:8]}"
-    return f"ranking__{model_part}__{diff_part}__k{inputs.get('rank')}__{behaviour_part}.json"
+    # Reduced-precision forwards move digits beyond what a float32 snapshot's tolerance is
+    # for: they record and compare against their own snapshot (float32 on any device shares).
+    dtype = str(inputs.get("forward", {}).get("dtype", "float32"))
+    forward_part = "" if dtype == "float32" else f"__{_slug(dtype)}"
+    return (f"ranking__{model_part}__{diff_part}__k{inputs.get('rank')}__{behaviour_part}"
+            f"{forward_part}.json")
 
 
 def _configuration(inputs: dict[str, Any]) -> dict[str, Any]:
