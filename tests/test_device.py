@@ -163,3 +163,16 @@ def test_weight_steer_in_bfloat16_rounds_once_and_restores(
         expected = (before.float() + w[name].float()).to(torch.bfloat16)
         assert torch.equal(param, expected)
     assert torch.equal(param, before)
+
+
+def test_the_cli_refuses_a_device_this_machine_lacks(tiny: HarnessSession, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from ws_harness.cli import main
+
+    if not NO_CUDA:
+        pytest.skip("this machine has a CUDA GPU")
+    code = main(["diff", "build", "--model", "random:tiny", "--cache-dir",
+                 str(tiny.config.cache_dir), "--device", "cuda", "--seed", "0",
+                 "--out", str(tmp_path / "w.pt"), "--no-progress"])
+    assert code == 2 and not (tmp_path / "w.pt").exists()
+    assert "error: --ws-device cuda: torch" in capsys.readouterr().err

@@ -28,6 +28,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="on-disk cache (default from [tool.ws_harness] / WS_CACHE_DIR)")
     parser.add_argument("--behaviour", default=None,
                         help="behaviour name or .json (default from [tool.ws_harness])")
+    parser.add_argument("--device", default=None,
+                        help="where forwards run: auto, cpu, cuda, cuda:N, mps (default: WS_DEVICE)")
+    parser.add_argument("--dtype", default=None,
+                        help="dtype of forwards: float32, bfloat16, float16 (default: WS_DTYPE)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +149,8 @@ def _session(args: argparse.Namespace) -> HarnessSession:
     from ws_harness.config import resolve_config
     from ws_harness.session import HarnessSession
 
-    cli = {"model": args.model, "cache_dir": args.cache_dir, "behaviour": args.behaviour}
+    cli = {"model": args.model, "cache_dir": args.cache_dir, "behaviour": args.behaviour,
+           "device": args.device, "dtype": args.dtype}
     return HarnessSession(resolve_config(Path.cwd(), cli))
 
 
@@ -208,8 +213,14 @@ def _diff_build(args: argparse.Namespace) -> int:
 
 def _loaded_session(args: argparse.Namespace) -> HarnessSession | None:
     """The command's session with its model loaded, or None after printing why it cannot load."""
+    from ws_harness.session import InputError
+
     session = _session(args)
-    problem = _model_problem(session)
+    try:
+        session.placement  # noqa: B018 - --device/--dtype usable on this machine (first: keys use it)
+        problem = _model_problem(session)
+    except InputError as exc:
+        problem = _one_line(exc)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return None
