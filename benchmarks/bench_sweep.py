@@ -82,9 +82,9 @@ def _phases(out: Path) -> dict[str, dict[str, float]]:
     return {k: {m: round(v, 1) for m, v in totals[k].items()} for k in sorted(totals)}
 
 
-def run(cwd: Path, cache: Path, out: Path, workers: int) -> dict:
+def run(cwd: Path, cache: Path, out: Path, workers: int, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, "-m", "pytest", "hypotheses/", "-n", str(workers), "-q",
-           "-p", "no:cacheprovider", f"--ws-cache-dir={cache}", f"--ws-out={out}"]
+           "-p", "no:cacheprovider", f"--ws-cache-dir={cache}", f"--ws-out={out}", *extra]
     start = time.perf_counter()
     log = out.parent / f"{out.name}.log"
     # Output to a file, not a pipe: a cold run writes more than a pipe holds (64 KiB), and an
@@ -132,6 +132,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None,
                         help="the cache of warm runs (default: the one the label's last run used)")
     parser.add_argument("--markdown", type=Path, default=None, help="append a table to this file")
+    parser.add_argument("--pytest-arg", dest="extra", action="append", default=[],
+                        help="one more pytest argument for every run, e.g. "
+                             "--pytest-arg=--ws-model=random:qwen3-0.6b (repeatable)")
     parser.add_argument("--keep-out", type=Path, default=None,
                         help="write each label's out folder (tables, report) here and keep it")
     args = parser.parse_args()
@@ -154,7 +157,7 @@ def main() -> None:
             # the plots of identical results already drawn (report.PLOT_STAMP).
             outs = args.keep_out.resolve() if args.keep_out else tmp
             outs.mkdir(parents=True, exist_ok=True)
-            result = run(cwd, cache, outs / f"out-{label}", int(workers))
+            result = run(cwd, cache, outs / f"out-{label}", int(workers), args.extra)
             after = os.times()
             # children_user/system: CPU of every reaped descendant (pytest and its workers).
             result["cpu_s"] = round((after.children_user - before.children_user)
