@@ -20,8 +20,10 @@ pytest_plugins = ["pytester"]
 
 @pytest.fixture(scope="session")
 def tiny(ws_session: HarnessSession) -> HarnessSession:
-    """A HarnessSession on `random:tiny` (3 layers, d=64, GQA 4/2) sharing the run's cache."""
-    return HarnessSession(replace(ws_session.config, model="random:tiny"))
+    """A HarnessSession on `random:tiny` (3 layers, d=64, GQA 4/2) sharing the run's cache;
+    forwards on the CPU in float32 on every machine (the machinery tests compare with CPU numbers)."""
+    return HarnessSession(replace(ws_session.config, model="random:tiny", device="cpu",
+                                  dtype="float32"))
 
 
 def make_steering_diff(session: HarnessSession, scale: float = 0.5) -> dict[str, torch.Tensor]:

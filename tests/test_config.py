@@ -54,6 +54,7 @@ def test_defaults_then_pyproject_then_env_then_cli(tmp_path: Path) -> None:
         ({"measure": "some"}, "measure must be one of top, all, none"),
         ({"device": "gpu"}, "device must be one of auto, cpu, cuda, mps or cuda:N"),
         ({"device": "mps:0"}, "device must be one of auto, cpu, cuda, mps or cuda:N"),
+        ({"device": "cuda:"}, "device must be one of auto, cpu, cuda, mps or cuda:N"),
         ({"dtype": "half"}, "dtype must be one of float32, bfloat16, float16"),
     ],
 )

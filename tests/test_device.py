@@ -31,6 +31,8 @@ def test_auto_is_the_cpu_in_float32_without_a_gpu() -> None:
 
 @pytest.mark.parametrize(("device", "dtype", "message"), [
     ("tpu", "float32", "--ws-device: 'tpu' is not one of auto, cpu, cuda, mps"),
+    ("cuda:", "float32", "--ws-device: 'cuda:' is not one of"),
+    ("cpu:0", "float32", "--ws-device: 'cpu:0' is not one of"),
     ("cpu", "int8", "--ws-dtype: 'int8' is not one of float32, bfloat16, float16"),
     ("cpu", "float16", "--ws-dtype float16 needs a GPU.*pass --ws-dtype bfloat16 or float32"),
 ])
@@ -176,3 +178,14 @@ def test_the_cli_refuses_a_device_this_machine_lacks(tiny: HarnessSession, tmp_p
                  "--out", str(tmp_path / "w.pt"), "--no-progress"])
     assert code == 2 and not (tmp_path / "w.pt").exists()
     assert "error: --ws-device cuda: torch" in capsys.readouterr().err
+
+
+def test_building_non_lora_diffs_in_bfloat16_is_refused_before_any_work(
+    tiny: HarnessSession, tmp_path: Path
+) -> None:
+    session = HarnessSession(replace(tiny.config, diff="build", adapter="dora", device="cpu",
+                                     dtype="bfloat16", cache_dir=tmp_path / "fresh"))
+    with pytest.raises(InputError, match="building dora diffs needs float32 forwards.*"
+                                         "pass --ws-dtype float32"):
+        session.preflight()
+    assert "loaded" not in session.__dict__  # refused before the model was even loaded

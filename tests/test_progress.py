@@ -256,6 +256,6 @@ def test_nested_timed_phases_count_once(tiny: HarnessSession) -> None:
         time.sleep(0.05)
         with session.timed("inner"):
             time.sleep(0.2)
-    assert 0.2 <= session.timings["inner"] < 0.3
-    assert 0.05 <= session.timings["outer"] < 0.15  # not 0.25: the inner block is not counted twice
+    assert session.timings["inner"] >= 0.2
+    assert 0.05 <= session.timings["outer"] < 0.2  # not ≥ 0.25: the inner block is not counted twice
     assert session.timings["inner.cpu"] < 0.1  # sleeping is wall time, not CPU

@@ -144,6 +144,17 @@ def path_gradients(
     flags = {name: p.requires_grad for name, p in params.items()}
     saved_grads = {name: params[name].grad for name in wanted}
     acc = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in wanted}
+    # float32 weights sum a node's batches in .grad; lower precision would round that sum at
+    # every batch, so there each batch's gradient goes to the float32 accumulator at once.
+    per_batch = any(params[name].dtype != torch.float32 for name in wanted)
+
+    def collect(wt: float) -> None:
+        for name in wanted:
+            grad = params[name].grad
+            if grad is not None:  # None: the margin does not depend on it
+                acc[name].add_(grad.float(), alpha=wt)
+            params[name].grad = None
+
     try:
         for name, p in params.items():
             p.requires_grad_(name in wanted)
@@ -158,11 +169,9 @@ def path_gradients(
                         position_ids=batch.position_ids, use_cache=False, logits_to_keep=1,
                     ).logits[:, -1].float()
                     ((logits[:, pos] - logits[:, neg]).sum() / n).backward()
-            for name in wanted:
-                grad = params[name].grad
-                if grad is not None:  # None: the margin does not depend on it
-                    acc[name].add_(grad.float(), alpha=wt)
-                params[name].grad = None
+                    if per_batch:
+                        collect(wt)
+            collect(wt)
     finally:
         for name, p in params.items():
             p.requires_grad_(flags[name])

@@ -536,6 +536,7 @@ class DiskCache:
             tmp = final.parent / f".{key}.tmp-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
             progress.begin(kind, key)
+            started = time.perf_counter()
             try:
                 with one_thread():
                     build(tmp)
@@ -549,7 +550,8 @@ class DiskCache:
                 raise
             finally:
                 progress.end(kind, key)
-                release_freed_memory()
+                if time.perf_counter() - started > 1.0:  # big builds leave big heaps
+                    release_freed_memory()
             self.builds.append(f"{kind}/{key}")
             value = load(final)
             self._served(kind, key)

@@ -95,10 +95,11 @@ def capture_last_token(
         with trace_modules(model, layers) as traces, \
                 trace_modules(model, ups, inputs=True) as up_traces:
             _forward(model, batch)
-        chunks["resid"].append(torch.stack([traces[n].output[:, -1] for n in layers]))
+        # Each batch to the CPU at once: a GPU would otherwise hold every batch's copy.
+        chunks["resid"].append(torch.stack([traces[n].output[:, -1] for n in layers]).cpu())
         if mlp:
-            chunks["up_in"].append(torch.stack([up_traces[n].input[:, -1] for n in ups]))
-            chunks["up_out"].append(torch.stack([up_traces[n].output[:, -1] for n in ups]))
+            chunks["up_in"].append(torch.stack([up_traces[n].input[:, -1] for n in ups]).cpu())
+            chunks["up_out"].append(torch.stack([up_traces[n].output[:, -1] for n in ups]).cpu())
     return {k: torch.cat(v, dim=1).float().cpu().contiguous() for k, v in chunks.items() if v}
 
 
@@ -123,8 +124,9 @@ def capture_tokens(
                 "the model returned no attention weights; load it with attn_implementation='eager'"
             )
         pad = width - batch.input_ids.shape[1]
-        resid.append(F.pad(torch.stack([traces[n].output for n in layers]), (0, 0, pad, 0)))
-        attn.append(F.pad(torch.stack([a[:, :, -1, :].mean(1) for a in out.attentions]), (pad, 0)))
+        resid.append(F.pad(torch.stack([traces[n].output for n in layers]), (0, 0, pad, 0)).cpu())
+        attn.append(F.pad(torch.stack([a[:, :, -1, :].mean(1) for a in out.attentions]),
+                          (pad, 0)).cpu())
         masks.append(F.pad(batch.attention_mask.cpu(), (pad, 0)))
     return {
         "resid_tokens": torch.cat(resid, dim=1).float().cpu().contiguous(),

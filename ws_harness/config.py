@@ -213,8 +213,8 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")  # device.DTYPES
 
 def _parse_device(value: Any, source: str, rootdir: Path) -> str:
     text = value.strip() if isinstance(value, str) else None
-    kind, _, index = (text or "").partition(":")
-    if text is None or kind not in DEVICE_CHOICES or (index and (kind != "cuda" or not index.isdigit())):
+    kind, colon, index = (text or "").partition(":")
+    if text is None or kind not in DEVICE_CHOICES or (colon and (kind != "cuda" or not index.isdigit())):
         raise ConfigError(f"{source}: device must be one of {', '.join(DEVICE_CHOICES)} or cuda:N "
                           f"(where model forwards run), got {value!r}")
     return text

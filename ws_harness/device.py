@@ -62,7 +62,8 @@ def resolve_placement(device: str, dtype: str) -> Placement:
     no float64 and fewer kernels). float16 needs a GPU; bfloat16 runs on the CPU too (slowly;
     useful to check a GPU configuration's numbers here).
     """
-    if not isinstance(device, str) or (device.split(":")[0] not in DEVICES):
+    kind, colon, index = device.partition(":") if isinstance(device, str) else ("", "", "")
+    if kind not in DEVICES or (colon and (kind != "cuda" or not index.isdigit())):
         raise ValueError(f"--ws-device: {device!r} is not one of {', '.join(DEVICES)} "
                          "(or cuda:N)")
     if not isinstance(dtype, str) or dtype not in DTYPES:
@@ -77,7 +78,8 @@ def resolve_placement(device: str, dtype: str) -> Placement:
         index = device.partition(":")[2]
         if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
             raise ValueError(f"--ws-device {device}: this machine has "
-                             f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
+                             f"{torch.cuda.device_count()} CUDA device(s), numbered from 0; "
+                             "pass --ws-device cuda:0 or auto")
     if kind == "mps" and not _mps_available():
         raise ValueError(f"--ws-device mps: torch {torch.__version__} has no MPS backend here; "
                          "pass --ws-device cpu or auto")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -263,15 +264,18 @@ def _layer_mean_memo(targets: Sequence[Target | None], what: str,
                      compute: Callable[[], Tensor]) -> Tensor:
     """Ā's Gram or spectrum, computed once per set of layer targets: it depends on the diff
     only, and every global basis's summary needs it. Kept on the first target, so it lives
-    exactly as long as the targets do (the entry also holds them, which keeps the ids valid)."""
+    exactly as long as that target does."""
     used = tuple(t for t in targets if t is not None)
     if not used:
         return compute()  # raises the "no defined layer" error
     key = (what, tuple(id(t) for t in targets))
     memo = used[0]._layer_means
-    if key not in memo:
-        memo[key] = (tuple(targets), compute())
-    return memo[key][1]
+    hit = memo.get(key)
+    # Weak references: the memo must not keep the targets alive (nor a reference cycle), and
+    # an id reused by a new target after an old one died is not a hit.
+    if hit is None or any(t is not None and ref() is not t for t, ref in zip(targets, hit[0])):
+        hit = memo[key] = (tuple(None if t is None else weakref.ref(t) for t in targets), compute())
+    return hit[1]
 
 
 def _mean_gram_of(targets: Sequence[Target | None]) -> Tensor:

@@ -49,6 +49,14 @@ class InputError(ValueError):
     """An input of the run (model, behaviour, rank, diff) is unusable; reported once per run."""
 
 
+def check_family_dtype(family: str, placement: Placement) -> None:
+    """Only LoRA diffs build in reduced precision (theirs come from the factors, in float32)."""
+    if family != "lora" and placement.dtype != "float32":
+        raise InputError(f"building {family} diffs needs float32 forwards: their delta is merged − "
+                         f"base, which {placement.dtype} rounding swamps; pass --ws-dtype float32 "
+                         "(or build LoRA diffs)")
+
+
 def max_rank(d_model: int) -> int:
     """The largest k a run may use: d/4, so a random k-subspace leaves R room (R ≤ d/k = 4 at the
     bound) and a union of three rank-k bases still fits in d."""
@@ -233,6 +241,8 @@ class HarnessSession:
         cfg = self.config
         steps: list[tuple[str, Callable[[], Any]]] = [
             (f"--ws-device {cfg.device} --ws-dtype {cfg.dtype}", lambda: self.placement),
+            (f"--ws-adapter {cfg.adapter}", lambda: cfg.builds_diffs and check_family_dtype(
+                cfg.adapter, self.placement)),
             (f"model {cfg.model!r}", lambda: self.shape),
             # Loading the model to record its shape (a cold run) costs nothing more to check
             # its architecture (GQA layout, norms, lm_head) here, once, instead of per item.

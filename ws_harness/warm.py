@@ -118,6 +118,7 @@ def run_fingerprint(config: pytest.Config, session: HarnessSession) -> str:
         "package": package_sources(),
         "sources": _sources(targets, rootpath),
         "model": session.identity.fingerprint,
+        "forward": session.placement.key(),  # "auto" means a GPU on one machine, the CPU on another
         "behaviour": session.behaviour.fingerprint(),
         "diff_inputs": _file_stamps(diff_inputs),
     }
