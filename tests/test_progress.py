@@ -247,15 +247,28 @@ def test_a_cold_sweep_shows_its_progress_and_a_warm_one_stays_quiet(
     assert PREFIX not in warm.stderr.str(), warm.stderr.str()
 
 
-def test_nested_timed_phases_count_once(tiny: HarnessSession) -> None:
-    """A phase timed inside another counts for itself only: the phases add up to the time spent."""
-    import time
+def test_nested_timed_phases_count_once(tiny: HarnessSession,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A phase timed inside another counts for itself only: the phases add up to the time spent
+    (a fake clock, so the accounting is checked exactly, not against real time)."""
+    import types
+
+    from ws_harness import session as session_module
+
+    clock = {"wall": 0.0, "cpu": 0.0}
+    monkeypatch.setattr(session_module, "time", types.SimpleNamespace(
+        perf_counter=lambda: clock["wall"], process_time=lambda: clock["cpu"]))
+
+    def spend(wall: float, cpu: float) -> None:
+        clock["wall"] += wall
+        clock["cpu"] += cpu
 
     session = HarnessSession(tiny.config)
     with session.timed("outer"):
-        time.sleep(0.05)
+        spend(1.0, 0.5)
         with session.timed("inner"):
-            time.sleep(0.2)
-    assert session.timings["inner"] >= 0.2
-    assert 0.05 <= session.timings["outer"] < 0.2  # not ≥ 0.25: the inner block is not counted twice
-    assert session.timings["inner.cpu"] < 0.1  # sleeping is wall time, not CPU
+            spend(4.0, 3.0)
+        spend(2.0, 1.0)
+    with session.timed("inner"):
+        spend(8.0, 8.0)
+    assert session.timings == {"outer": 3.0, "outer.cpu": 1.5, "inner": 12.0, "inner.cpu": 11.0}
