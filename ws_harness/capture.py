@@ -100,7 +100,7 @@ def capture_last_token(
         if mlp:
             chunks["up_in"].append(torch.stack([up_traces[n].input[:, -1] for n in ups]).cpu())
             chunks["up_out"].append(torch.stack([up_traces[n].output[:, -1] for n in ups]).cpu())
-    return {k: torch.cat(v, dim=1).float().contiguous() for k, v in chunks.items() if v}
+    return {k: torch.cat(v, dim=1).float().cpu().contiguous() for k, v in chunks.items() if v}
 
 
 @torch.no_grad()
@@ -129,7 +129,7 @@ def capture_tokens(
                           (pad, 0)).cpu())
         masks.append(F.pad(batch.attention_mask.cpu(), (pad, 0)))
     return {
-        "resid_tokens": torch.cat(resid, dim=1).float().contiguous(),
-        "attn_last": torch.cat(attn, dim=1).float().contiguous(),
-        "mask": torch.cat(masks, dim=0).contiguous(),
+        "resid_tokens": torch.cat(resid, dim=1).float().cpu().contiguous(),
+        "attn_last": torch.cat(attn, dim=1).float().cpu().contiguous(),
+        "mask": torch.cat(masks, dim=0).cpu().contiguous(),
     }

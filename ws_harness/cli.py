@@ -195,11 +195,11 @@ def _diff_build(args: argparse.Namespace) -> int:
         session = _loaded_session(args)
         if session is None:
             return EXIT_INVALID
-        from ws_harness.device import check_family_dtype
+        from ws_harness.session import InputError, check_family_dtype
 
         try:
-            check_family_dtype(args.adapter, session.placement.dtype)
-        except ValueError as exc:
+            check_family_dtype(args.adapter, session.placement)
+        except InputError as exc:
             print(f"error: {_one_line(exc)}", file=sys.stderr)
             return EXIT_INVALID
         diff = session.build_diff(args.seed, args.recipe, overrides or None,

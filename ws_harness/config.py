@@ -207,19 +207,14 @@ def _parse_measure(value: Any, source: str, rootdir: Path) -> str:
     return value.strip()
 
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # ws_harness.device resolves these (torch-free here)
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")  # device.DTYPES maps them to torch dtypes
-
-
-def is_device_spec(text: Any) -> bool:
-    """auto, cpu, cuda, mps or cuda:N (the syntax; whether this machine has it is device's)."""
-    kind, colon, index = text.partition(":") if isinstance(text, str) else ("", "", "")
-    return kind in DEVICE_CHOICES and (not colon or (kind == "cuda" and index.isdigit()))
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # device.DEVICES (torch-free here)
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")  # device.DTYPES
 
 
 def _parse_device(value: Any, source: str, rootdir: Path) -> str:
     text = value.strip() if isinstance(value, str) else None
-    if not is_device_spec(text):
+    kind, colon, index = (text or "").partition(":")
+    if text is None or kind not in DEVICE_CHOICES or (colon and (kind != "cuda" or not index.isdigit())):
         raise ConfigError(f"{source}: device must be one of {', '.join(DEVICE_CHOICES)} or cuda:N "
                           f"(where model forwards run), got {value!r}")
     return text

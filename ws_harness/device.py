@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from ws_harness.config import DEVICE_CHOICES, DTYPE_CHOICES, is_device_spec
+__all__ = ["DEVICES", "DTYPES", "Placement", "resolve_placement", "model_device", "DEFAULT"]
 
-__all__ = ["DTYPES", "Placement", "resolve_placement", "check_family_dtype", "model_device",
-           "DEFAULT"]
-
-DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_CHOICES}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ def resolve_placement(device: str, dtype: str) -> Placement:
     no float64 and fewer kernels). float16 needs a GPU; bfloat16 runs on the CPU too (slowly;
     useful to check a GPU configuration's numbers here).
     """
-    if not is_device_spec(device):
-        raise ValueError(f"--ws-device: {device!r} is not one of {', '.join(DEVICE_CHOICES)} "
+    kind, colon, index = device.partition(":") if isinstance(device, str) else ("", "", "")
+    if kind not in DEVICES or (colon and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"--ws-device: {device!r} is not one of {', '.join(DEVICES)} "
                          "(or cuda:N)")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"--ws-dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -86,16 +87,6 @@ def resolve_placement(device: str, dtype: str) -> Placement:
         raise ValueError("--ws-dtype float16 needs a GPU (CPU half-precision matmuls are slow and "
                          "lose the small steering deltas); pass --ws-dtype bfloat16 or float32")
     return Placement(device, dtype)
-
-
-def check_family_dtype(family: str, dtype: str | torch.dtype) -> None:
-    """Only LoRA diffs build in reduced precision: theirs come from the factors in float32, the
-    other families' from merged − base, which bfloat16/float16 rounding swamps. ValueError."""
-    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    if family != "lora" and name != "float32":
-        raise ValueError(f"building {family} diffs needs float32 forwards: their delta is merged − "
-                         f"base, which {name} rounding swamps; pass --ws-dtype float32 "
-                         "(or build LoRA diffs)")
 
 
 def model_device(model: Any) -> torch.device:

@@ -25,7 +25,7 @@ from ws_harness import progress as run_progress
 from ws_harness.arch import ROLES, Architecture
 from ws_harness.cache import DiskCache, content_hash
 from ws_harness.data import Behaviour, render_chat, tokenize_prompts
-from ws_harness.device import check_family_dtype, model_device
+from ws_harness.device import model_device
 from ws_harness.diffs import Diff, diff_diagnostics, diff_sha256
 
 __all__ = [
@@ -385,7 +385,11 @@ def train_side(
     _check_family(family)
     if not examples:
         raise ValueError("no training examples; the behaviour's TRAIN split is empty")
-    check_family_dtype(family, next(model.parameters()).dtype)
+    dtype = next(model.parameters()).dtype
+    if family != "lora" and dtype != torch.float32:
+        raise ValueError(f"building {family} diffs needs float32 forwards (--ws-dtype float32): "
+                         f"their delta is merged − base, which {dtype} rounding swamps; LoRA's "
+                         "comes from its factors and works in any dtype")
     names = target_modules(arch, hp)
     student = copy.deepcopy(model)  # PEFT injects adapters in place: keep the shared model pure
     config = peft_config(family, hp, names)

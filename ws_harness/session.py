@@ -17,7 +17,7 @@ from ws_harness.arch import Architecture
 from ws_harness.cache import DiskCache, worker_order
 from ws_harness.config import HarnessConfig
 from ws_harness.data import Behaviour, ProbeSet, load_behaviour, render_chat, tokenize_prompts
-from ws_harness.device import Placement, check_family_dtype, resolve_placement
+from ws_harness.device import Placement, resolve_placement
 from ws_harness.models import (
     LoadedModel,
     ModelIdentity,
@@ -47,6 +47,14 @@ CaptureKind = Literal["last", "mlp", "tokens"]
 
 class InputError(ValueError):
     """An input of the run (model, behaviour, rank, diff) is unusable; reported once per run."""
+
+
+def check_family_dtype(family: str, placement: Placement) -> None:
+    """Only LoRA diffs build in reduced precision (theirs come from the factors, in float32)."""
+    if family != "lora" and placement.dtype != "float32":
+        raise InputError(f"building {family} diffs needs float32 forwards: their delta is merged − "
+                         f"base, which {placement.dtype} rounding swamps; pass --ws-dtype float32 "
+                         "(or build LoRA diffs)")
 
 
 def max_rank(d_model: int) -> int:
@@ -234,7 +242,7 @@ class HarnessSession:
         steps: list[tuple[str, Callable[[], Any]]] = [
             (f"--ws-device {cfg.device} --ws-dtype {cfg.dtype}", lambda: self.placement),
             (f"--ws-adapter {cfg.adapter}", lambda: cfg.builds_diffs and check_family_dtype(
-                cfg.adapter, self.placement.dtype)),
+                cfg.adapter, self.placement)),
             (f"model {cfg.model!r}", lambda: self.shape),
             # Loading the model to record its shape (a cold run) costs nothing more to check
             # its architecture (GQA layout, norms, lm_head) here, once, instead of per item.
