@@ -1,4 +1,4 @@
-"""--ws-device / --ws-dtype: resolved with clear errors, forwards on a copy, cache keys that say where they ran."""
+"""--ws-device / --ws-dtype: clear errors, forwards on a copy, cache keys that say where they ran."""
 
 from __future__ import annotations
 
