@@ -9,6 +9,10 @@ causal phase adds to a fully cold sweep, compare "causal-cold" with a "scores-co
 (`--baseline`: only the score entries removed).
 
     .venv/bin/python benchmarks/bench_causal.py --cache .ws-cache [--workers 4] [--baseline]
+        [--rev REV …]
+
+`--rev` also times the causal-cold run of a git revision (checked out into a worktree) in
+the same invocation, for a before/after on one machine.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bench_sweep import run
+from bench_sweep import ROOT, _checkout, run
 
 CAUSAL_KINDS = ("attribution", "retention", "retention_reference")
 
@@ -40,16 +44,26 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--baseline", action="store_true",
                         help="also time a run with only the scores removed (causal cached)")
+    parser.add_argument("--rev", action="append", default=[],
+                        help="also time this git revision's causal-cold run (repeatable)")
+    parser.add_argument("--no-warm", action="store_true", help="skip the warm reruns")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="ws-bench-causal-") as tmp:
-        plans = [("causal-cold", ("scores",) + CAUSAL_KINDS)]
+    with tempfile.TemporaryDirectory(prefix="ws-bench-causal-") as tmp_name:
+        tmp = Path(tmp_name)
+        plans = [(rev, "causal-cold", ("scores",) + CAUSAL_KINDS) for rev in args.rev]
         if args.baseline:
-            plans.insert(0, ("scores-cold", ("scores",)))
-        for label, drop in plans:
-            cache = seeded_cache(args.cache.resolve(), Path(tmp) / label, drop)
-            for phase in (label, f"{label}+warm"):
-                result = run(cache, Path(tmp) / f"out-{phase}", args.workers)
-                print(json.dumps({"run": phase, "workers": args.workers, **result}), flush=True)
+            plans.append(("new", "scores-cold", ("scores",)))
+        plans.append(("new", "causal-cold", ("scores",) + CAUSAL_KINDS))
+        for rev, label, drop in plans:
+            cwd = ROOT if rev == "new" else _checkout(rev, tmp)
+            cache = seeded_cache(args.cache.resolve(), tmp / f"{rev}-{label}", drop)
+            for phase in (label,) if args.no_warm else (label, f"{label}+warm"):
+                result = run(cwd, cache, tmp / f"out-{rev}-{phase}", args.workers)
+                print(json.dumps({"rev": rev, "run": phase, "workers": args.workers, **result}),
+                      flush=True)
+        for rev in set(args.rev) - {"new"}:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tmp / f"rev-{rev}")],
+                           cwd=ROOT, capture_output=True)
 
 
 if __name__ == "__main__":

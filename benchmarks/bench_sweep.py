@@ -85,6 +85,7 @@ def _phases(out: Path) -> dict[str, dict[str, float]]:
 def run(cwd: Path, cache: Path, out: Path, workers: int, extra: list[str] = ()) -> dict:
     cmd = [sys.executable, "-m", "pytest", "hypotheses/", "-n", str(workers), "-q",
            "-p", "no:cacheprovider", f"--ws-cache-dir={cache}", f"--ws-out={out}", *extra]
+    before = os.times()
     start = time.perf_counter()
     log = out.parent / f"{out.name}.log"
     # Output to a file, not a pipe: a cold run writes more than a pipe holds (64 KiB), and an
@@ -97,8 +98,11 @@ def run(cwd: Path, cache: Path, out: Path, workers: int, extra: list[str] = ()) 
             peak, peak_pss = max(peak, rss), max(peak_pss, pss)
             time.sleep(0.2)
     wall = time.perf_counter() - start
+    after = os.times()
     lines = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    return {"wall_s": round(wall, 1), "peak_rss_mib": round(peak),
+    # children_user/system: CPU of every reaped descendant (pytest and its workers).
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mib": round(peak),
             "peak_pss_mib": round(peak_pss), "exit": proc.returncode,
             "result": lines[-1] if lines else "", "phases": _phases(out)}
 
@@ -152,16 +156,11 @@ def main() -> None:
             else:
                 cache = args.cache.resolve() if args.cache else last_cache.get(label, tmp / "none")
             last_cache[label] = cache
-            before = os.times()
             # One out folder per label, as a user reruns into ws-out: a warm rerun then finds
             # the plots of identical results already drawn (report.PLOT_STAMP).
             outs = args.keep_out.resolve() if args.keep_out else tmp
             outs.mkdir(parents=True, exist_ok=True)
             result = run(cwd, cache, outs / f"out-{label}", int(workers), args.extra)
-            after = os.times()
-            # children_user/system: CPU of every reaped descendant (pytest and its workers).
-            result["cpu_s"] = round((after.children_user - before.children_user)
-                                    + (after.children_system - before.children_system), 1)
             row = {"run": spec, **result}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from ws_harness.data import ProbeSet
 from ws_harness.device import model_device
 from ws_harness.linalg import BASIS_ORTHONORMAL_TOL
 from ws_harness.nulls import haar_bases
+from ws_harness.prefix import first_touched_layer, hidden_entering, replayed_prefix
 
 __all__ = [
     "Key",
@@ -165,25 +166,12 @@ def norm_matched(variant: Mapping[Key, Tensor], reference: Mapping[Key, Tensor])
 
 
 # ---- hooks -----------------------------------------------------------------------------------
-@contextmanager
-def added_writes(
-    model: torch.nn.Module, arch: Architecture, chunks: Sequence[tuple[float, Mapping[Key, Tensor]]]
-) -> Iterator[torch.nn.Module]:
-    """Within the block, chunk j of every batch behaves as if its weights were θ + α_j·ΔW_j.
-
-    `chunks` = [(α_j, {(layer, role): ΔW_j})]; the model must then be called on a batch of
-    len(chunks) equal-size blocks of rows stacked along dim 0 (block j = chunk j). The forward
-    hook of each touched module adds α_j · x_j @ ΔW_jᵀ to block j of its output (x_j = the
-    module's input rows of block j), which is what the weight edit does, since W' x = W x + α ΔW x.
-    The residual writes (o_proj, down_proj) are the point, but any of the seven roles works. The
-    product is accumulated in float32 and cast to the output's dtype for the addition. Weights
-    are never touched; hooks are removed on exit, also when the body raises. A batch whose size
-    is not a multiple of len(chunks) raises ValueError from the forward.
-    """
+def _check_chunks(arch: Architecture, chunks: Sequence[tuple[float, Mapping[Key, Tensor]]]
+                  ) -> dict[str, dict[int, tuple[float, Tensor]]]:
+    """{module name: {chunk j: (α_j, ΔW_j)}} for the non-zero chunks, every delta checked."""
     if not isinstance(chunks, Sequence) or len(chunks) == 0:
         raise ValueError("added_writes: chunks must be a non-empty list of (alpha, deltas) pairs")
-    n_chunks = len(chunks)
-    per_module: dict[str, list[tuple[int, float, Tensor]]] = {}
+    per_module: dict[str, dict[int, tuple[float, Tensor]]] = {}
     for j, chunk in enumerate(chunks):
         if not isinstance(chunk, tuple) or len(chunk) != 2 or not isinstance(chunk[1], Mapping):
             raise TypeError(f"added_writes: chunk {j} must be an (alpha, {{(layer, role): ΔW}}) pair, "
@@ -206,33 +194,60 @@ def added_writes(
             if float(alpha) == 0.0:
                 continue
             dw = delta.detach().to(device=weight.device, dtype=torch.float32)
-            per_module.setdefault(name, []).append((j, float(alpha), dw))
+            per_module.setdefault(name, {})[j] = (float(alpha), dw)
+    return per_module
 
-    def make_hook(name: str, entries: list[tuple[int, float, Tensor]]):
-        def hook(module: torch.nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            rows = output.shape[0]
+
+@contextmanager
+def added_writes(
+    model: torch.nn.Module, arch: Architecture, chunks: Sequence[tuple[float, Mapping[Key, Tensor]]]
+) -> Iterator[torch.nn.Module]:
+    """Within the block, chunk j of every batch behaves as if its weights were θ + α_j·ΔW_j.
+
+    `chunks` = [(α_j, {(layer, role): ΔW_j})]; the model must then be called on a batch of
+    len(chunks) equal-size blocks of rows stacked along dim 0 (block j = chunk j). Each touched
+    linear module computes block j with the edited weight W + α_j ΔW_j, formed in float32 and
+    rounded once to the weight's dtype, exactly as `diffs.weight_steer` edits it, and blocks
+    without a delta with W itself. So a forward costs what the unedited one costs. The residual
+    writes (o_proj, down_proj) are the point, but any of the seven roles works. Weights are
+    never modified: the modules' forwards are replaced by instance attributes, removed on
+    exit, also when the body raises. A batch whose size is not a multiple of len(chunks)
+    raises ValueError from the forward.
+    """
+    per_module = _check_chunks(arch, chunks)
+    n_chunks = len(chunks)
+
+    def make_forward(name: str, module: torch.nn.Module, entries: dict[int, tuple[float, Tensor]]):
+        weight, bias = module.weight, module.bias
+
+        def forward(x: Tensor) -> Tensor:
+            rows = x.shape[0]
             if rows % n_chunks:
                 raise ValueError(f"added_writes: batch of {rows} rows at {name} is not divisible by "
                                  f"len(chunks)={n_chunks}; stack len(chunks) equal copies of the prompts")
             size = rows // n_chunks
-            x = inputs[0]
-            pieces = list(output.split(size, dim=0))
-            for j, alpha, dw in entries:
-                xj = x[j * size:(j + 1) * size].to(torch.float32)
-                add = torch.matmul(xj, dw.T).mul_(alpha)
-                pieces[j] = pieces[j] + add.to(output.dtype)
+            pieces = []
+            for j in range(n_chunks):
+                w_j = weight
+                if j in entries:
+                    alpha, dw = entries[j]
+                    w_j = torch.add(weight.detach().float(), dw, alpha=alpha).to(weight.dtype)
+                pieces.append(torch.nn.functional.linear(x[j * size:(j + 1) * size], w_j, bias))
             return torch.cat(pieces, dim=0)
 
-        return hook
+        return forward
 
-    handles = []
+    modules = {name: arch.module(name) for name in per_module}
+    saved = {name: m.__dict__["forward"] for name, m in modules.items() if "forward" in m.__dict__}
     try:
         for name, entries in per_module.items():
-            handles.append(arch.module(name).register_forward_hook(make_hook(name, entries)))
+            modules[name].forward = make_forward(name, modules[name], entries)
         yield model
     finally:
-        for handle in handles:
-            handle.remove()
+        for name, module in modules.items():
+            module.__dict__.pop("forward", None)
+            if name in saved:
+                module.forward = saved[name]
 
 
 def _repeat(batch: ProbeSet, times: int, device: torch.device) -> dict[str, Tensor]:
@@ -252,6 +267,7 @@ def steering_effects(
     variants: Mapping[str, Mapping[Key, Tensor]],
     *,
     max_batch: int = 40,
+    share_upstream: bool = True,
 ) -> dict[str, Tensor]:
     """Per-prompt steering effect d_i(v) = m_i(θ + v) − m_i(θ − v) of each named variant (float64 [n]).
 
@@ -259,6 +275,9 @@ def steering_effects(
     S(v) = mean_i d_i(v) (SPEC §4.1). The ±v pair, and as many variants as fit, run as chunks of
     one forward of at most `max_batch` rows (prompt blocks of min(n, max_batch // 2) rows),
     through `added_writes`: no weight is modified. Only last-token logits are computed.
+    `share_upstream`: the layers below the lowest layer any variant touches are run once per
+    prompt block, not once per forward (`prefix.replayed_prefix`): every variant's input there
+    is the base model's.
     """
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 2:
         raise ValueError(f"max_batch must be an int >= 2 (one +v and one −v row), got {max_batch!r}")
@@ -271,15 +290,23 @@ def steering_effects(
     names = list(variants)
     block = min(n, max_batch // 2)
     per_forward = max(1, max_batch // (2 * block))
+    first = first_touched_layer(arch, [key for v in variants.values() for key in v]) \
+        if share_upstream else 0
+    device = model_device(model)
     margins: dict[str, list[Tensor]] = {name: [] for name in names}
     for start in range(0, n, block):
         batch = probes.slice(start, start + block)
         rows = len(batch)
+        hidden = hidden_entering(model, arch, _repeat(batch, 1, device), first) if first else None
         for g in range(0, len(names), per_forward):
             group = names[g:g + per_forward]
             chunks = [(sign, variants[name]) for name in group for sign in (1.0, -1.0)]
-            inputs = _repeat(batch, len(chunks), model_device(model))
-            with torch.no_grad(), added_writes(model, arch, chunks):
+            inputs = _repeat(batch, len(chunks), device)
+            with ExitStack() as stack:
+                stack.enter_context(torch.no_grad())
+                stack.enter_context(added_writes(model, arch, chunks))
+                if hidden is not None:
+                    stack.enter_context(replayed_prefix(arch, first, hidden, times=len(chunks)))
                 logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()
             m = (logits[:, pos] - logits[:, neg]).to(device="cpu", dtype=torch.float64)
             for i, name in enumerate(group):

@@ -1,0 +1,146 @@
+"""The shared upstream prefix on the tiny model: the replayed residual is the real one, and the
+retention and attribution forwards that skip the untouched layers give the same numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from ws_harness.attribution import path_gradients
+from ws_harness.cache import one_thread as torch_one_thread
+from ws_harness.diffs import weight_steer
+from ws_harness.prefix import first_touched_layer, hidden_entering, replayed_prefix
+from ws_harness.retention import added_writes, steering_effects, write_part
+from ws_harness.session import HarnessSession
+from ws_harness.steering import answer_logit_diff, answer_token_ids
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    with torch_one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def answer_ids(tiny: HarnessSession) -> tuple[int, int]:
+    return answer_token_ids(tiny.tokenizer, tiny.behaviour.answer_tokens)
+
+
+@pytest.fixture(scope="module")
+def late_diff(tiny: HarnessSession) -> dict[str, torch.Tensor]:
+    """Deltas on layers 1 and 2 only (o, down, q, up): layer 0 is upstream of everything."""
+    arch = tiny.arch
+    g = torch.Generator().manual_seed(3)
+    return {arch.param_name(layer, role): 0.05 * torch.randn(tuple(arch.weight(layer, role).shape),
+                                                             generator=g)
+            for layer in (1, 2) for role in ("o", "down", "q", "up")}
+
+
+def _inputs(batch) -> dict[str, torch.Tensor]:
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
+            "position_ids": batch.position_ids}
+
+
+def test_first_touched_layer(tiny: HarnessSession, late_diff: dict) -> None:
+    arch = tiny.arch
+    assert first_touched_layer(arch, late_diff) == 1
+    assert first_touched_layer(arch, [(2, "o"), (1, "down")]) == 1
+    # an embedding delta changes layer 0's input: nothing can be shared
+    assert first_touched_layer(arch, [*late_diff, "model.embed_tokens.weight"]) == 0
+    assert first_touched_layer(arch, []) == 0
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_hidden_entering_is_the_hidden_state_of_a_full_forward(tiny: HarnessSession, layer: int) -> None:
+    batch = tiny.probes("eval")
+    with torch.no_grad():
+        full = tiny.model(**_inputs(batch), output_hidden_states=True, use_cache=False)
+    got = hidden_entering(tiny.model, tiny.arch, _inputs(batch), layer)
+    torch.testing.assert_close(got, full.hidden_states[layer], rtol=0, atol=0)
+    assert not any(m._forward_pre_hooks for m in tiny.model.modules())
+
+
+def test_replayed_prefix_reproduces_the_logits_and_restores_the_layers(tiny: HarnessSession) -> None:
+    model, arch, batch = tiny.model, tiny.arch, tiny.probes("eval")
+    with torch.no_grad():
+        expected = model(**_inputs(batch), use_cache=False).logits
+        hidden = hidden_entering(model, arch, _inputs(batch), 2)
+        # garbage in the embeddings cannot matter: layers 0 and 1 are skipped, layer 2 gets `hidden`
+        garbage = {**_inputs(batch), "input_ids": torch.zeros_like(batch.input_ids)}
+        with replayed_prefix(arch, 2, hidden):
+            got = model(**garbage, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    layers = [arch.module(arch.layer_name(l)) for l in range(arch.n_layers)]
+    with pytest.raises(RuntimeError, match="boom"):
+        with replayed_prefix(arch, 2, hidden):
+            assert "forward" in layers[0].__dict__
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ or m._forward_pre_hooks for m in layers)
+
+
+def test_replayed_prefix_refuses_other_prompts_and_bad_layers(tiny: HarnessSession) -> None:
+    model, arch, batch = tiny.model, tiny.arch, tiny.probes("eval")
+    hidden = hidden_entering(model, arch, _inputs(batch.slice(0, 2)), 1)
+    with pytest.raises(ValueError, match=r"layer 1 got input of shape .* replayed residual has shape"):
+        with torch.no_grad(), replayed_prefix(arch, 1, hidden, times=2):
+            model(**_inputs(batch), use_cache=False)
+    for bad in (0, arch.n_layers):
+        with pytest.raises(ValueError, match=f"layer {bad} must be in 1..{arch.n_layers - 1}"):
+            with replayed_prefix(arch, bad, hidden):
+                pass
+        with pytest.raises(ValueError, match=f"layer {bad} must be in 1..{arch.n_layers - 1}"):
+            hidden_entering(model, arch, _inputs(batch), bad)
+
+
+def test_retention_with_the_shared_prefix_matches_full_forwards(
+    tiny: HarnessSession, late_diff: dict, answer_ids: tuple[int, int]
+) -> None:
+    arch, probes = tiny.arch, tiny.probes("eval")
+    w_write = write_part(late_diff, arch)
+    variants = {"w": w_write, "half": {k: 0.5 * v for k, v in w_write.items()},
+                "layer2": {k: v for k, v in w_write.items() if k[0] == 2}}
+    shared = steering_effects(tiny.model, arch, probes, answer_ids, variants, max_batch=8)
+    full = steering_effects(tiny.model, arch, probes, answer_ids, variants, max_batch=8,
+                            share_upstream=False)
+    for name in variants:
+        torch.testing.assert_close(shared[name], full[name], rtol=1e-6, atol=1e-6)
+    # and both are what editing the weights gives
+    by_name = {arch.param_name(l, r): t for (l, r), t in w_write.items()}
+    margins = {}
+    for alpha in (1.0, -1.0):
+        with weight_steer(tiny.model, by_name, alpha):
+            margins[alpha] = answer_logit_diff(tiny.model, probes, answer_ids).double()
+    torch.testing.assert_close(shared["w"], margins[1.0] - margins[-1.0], rtol=1e-5, atol=1e-5)
+
+
+def test_edited_forward_is_the_weight_edit_bit_for_bit(
+    tiny: HarnessSession, late_diff: dict
+) -> None:
+    """added_writes computes W + αΔW as weight_steer does, so a one-chunk forward is the edit."""
+    model, arch, batch = tiny.model, tiny.arch, tiny.probes("eval")
+    w_write = write_part(late_diff, arch)
+    by_name = {arch.param_name(l, r): t for (l, r), t in w_write.items()}
+    with torch.no_grad():
+        with weight_steer(model, by_name, 0.7):
+            expected = model(**_inputs(batch), use_cache=False).logits
+        with added_writes(model, arch, [(0.7, w_write)]):
+            got = model(**_inputs(batch), use_cache=False).logits
+    assert torch.equal(got, expected)
+
+
+def test_path_gradients_with_the_shared_prefix_match_full_forwards(
+    tiny: HarnessSession, late_diff: dict, answer_ids: tuple[int, int]
+) -> None:
+    probes = tiny.probes("eval")
+    shared = path_gradients(tiny.model, tiny.arch, probes, answer_ids, late_diff, n_nodes=2,
+                            batch_size=3, measure=False)
+    full = path_gradients(tiny.model, tiny.arch, probes, answer_ids, late_diff, n_nodes=2,
+                          batch_size=3, measure=False, share_upstream=False)
+    assert shared.grads.keys() == full.grads.keys()
+    for key in full.grads:
+        scale = float(full.grads[key].abs().max())
+        assert float((shared.grads[key] - full.grads[key]).abs().max()) <= 1e-6 * scale, key
+    assert shared.s_linear == pytest.approx(full.s_linear, rel=1e-6)
+    assert not any("forward" in m.__dict__ or m._forward_pre_hooks for m in tiny.model.modules())
