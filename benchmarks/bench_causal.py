@@ -11,8 +11,9 @@ causal phase adds to a fully cold sweep, compare "causal-cold" with a "scores-co
     .venv/bin/python benchmarks/bench_causal.py --cache .ws-cache [--workers 4] [--baseline]
         [--rev REV …]
 
-`--rev` also times the causal-cold run of a git revision (checked out into a worktree) in
-the same invocation, for a before/after on one machine.
+`--rev` also times a git revision (checked out into a worktree) in the same invocation, for
+a before/after on one machine; the cache must then be warm for that revision too (entries
+are keyed by code, so one cache folder holds both).
 """
 
 from __future__ import annotations
@@ -45,15 +46,16 @@ def main() -> None:
     parser.add_argument("--baseline", action="store_true",
                         help="also time a run with only the scores removed (causal cached)")
     parser.add_argument("--rev", action="append", default=[],
-                        help="also time this git revision's causal-cold run (repeatable)")
+                        help="also time this git revision's runs (repeatable)")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm reruns")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ws-bench-causal-") as tmp_name:
         tmp = Path(tmp_name)
-        plans = [(rev, "causal-cold", ("scores",) + CAUSAL_KINDS) for rev in args.rev]
-        if args.baseline:
-            plans.append(("new", "scores-cold", ("scores",)))
-        plans.append(("new", "causal-cold", ("scores",) + CAUSAL_KINDS))
+        plans = []
+        for rev in [*args.rev, "new"]:
+            if args.baseline:
+                plans.append((rev, "scores-cold", ("scores",)))
+            plans.append((rev, "causal-cold", ("scores",) + CAUSAL_KINDS))
         for rev, label, drop in plans:
             cwd = ROOT if rev == "new" else _checkout(rev, tmp)
             cache = seeded_cache(args.cache.resolve(), tmp / f"{rev}-{label}", drop)

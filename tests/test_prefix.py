@@ -11,7 +11,12 @@ import torch
 from ws_harness.attribution import path_gradients
 from ws_harness.cache import one_thread as torch_one_thread
 from ws_harness.diffs import weight_steer
-from ws_harness.prefix import first_touched_layer, hidden_entering, replayed_prefix
+from ws_harness.prefix import (
+    first_touched_layer,
+    hidden_entering,
+    replayed_prefix,
+    split_shared_prefix,
+)
 from ws_harness.retention import added_writes, steering_effects, write_part
 from ws_harness.session import HarnessSession
 from ws_harness.steering import answer_logit_diff, answer_token_ids
@@ -57,9 +62,10 @@ def test_hidden_entering_is_the_hidden_state_of_a_full_forward(tiny: HarnessSess
     batch = tiny.probes("eval")
     with torch.no_grad():
         full = tiny.model(**_inputs(batch), output_hidden_states=True, use_cache=False)
+    pre_hooks = sum(len(m._forward_pre_hooks) for m in tiny.model.modules())
     got = hidden_entering(tiny.model, tiny.arch, _inputs(batch), layer)
     torch.testing.assert_close(got, full.hidden_states[layer], rtol=0, atol=0)
-    assert not any(m._forward_pre_hooks for m in tiny.model.modules())
+    assert sum(len(m._forward_pre_hooks) for m in tiny.model.modules()) == pre_hooks
 
 
 def test_replayed_prefix_reproduces_the_logits_and_restores_the_layers(tiny: HarnessSession) -> None:
@@ -77,7 +83,7 @@ def test_replayed_prefix_reproduces_the_logits_and_restores_the_layers(tiny: Har
         with replayed_prefix(arch, 2, hidden):
             assert "forward" in layers[0].__dict__
             raise RuntimeError("boom")
-    assert not any("forward" in m.__dict__ or m._forward_pre_hooks for m in layers)
+    assert not any("forward" in m.__dict__ for m in layers)
 
 
 def test_replayed_prefix_refuses_other_prompts_and_bad_layers(tiny: HarnessSession) -> None:
@@ -134,13 +140,56 @@ def test_path_gradients_with_the_shared_prefix_match_full_forwards(
     tiny: HarnessSession, late_diff: dict, answer_ids: tuple[int, int]
 ) -> None:
     probes = tiny.probes("eval")
-    shared = path_gradients(tiny.model, tiny.arch, probes, answer_ids, late_diff, n_nodes=2,
-                            batch_size=3, measure=False)
     full = path_gradients(tiny.model, tiny.arch, probes, answer_ids, late_diff, n_nodes=2,
-                          batch_size=3, measure=False, share_upstream=False)
-    assert shared.grads.keys() == full.grads.keys()
-    for key in full.grads:
-        scale = float(full.grads[key].abs().max())
-        assert float((shared.grads[key] - full.grads[key]).abs().max()) <= 1e-6 * scale, key
-    assert shared.s_linear == pytest.approx(full.s_linear, rel=1e-6)
-    assert not any("forward" in m.__dict__ or m._forward_pre_hooks for m in tiny.model.modules())
+                          batch_size=3, measure=False, share_upstream=False, share_prefix=False)
+    for upstream, prefix in ((True, False), (False, True), (True, True)):
+        shared = path_gradients(tiny.model, tiny.arch, probes, answer_ids, late_diff, n_nodes=2,
+                                batch_size=3, measure=False, share_upstream=upstream,
+                                share_prefix=prefix)
+        assert shared.grads.keys() == full.grads.keys()
+        for key in full.grads:
+            scale = float(full.grads[key].abs().max())
+            assert float((shared.grads[key] - full.grads[key]).abs().max()) <= 1e-5 * scale, \
+                (key, upstream, prefix)
+        assert shared.s_linear == pytest.approx(full.s_linear, rel=1e-5)
+    assert not any("forward" in m.__dict__ for m in tiny.model.modules())
+
+
+def test_split_shared_prefix_rebuilds_every_prompt(tiny: HarnessSession) -> None:
+    probes = tiny.probes("eval")
+    split = split_shared_prefix(probes.input_ids, probes.attention_mask)
+    assert split is not None and len(split) == len(probes)
+    p = split.prefix_ids.shape[0]
+    assert p >= 4  # the chat template's system turn
+    for i in range(len(probes)):
+        whole = probes.input_ids[i][probes.attention_mask[i].bool()]
+        rest = split.input_ids[i][split.attention_mask[i, p:].bool()]
+        assert torch.equal(torch.cat([split.prefix_ids, rest]), whole)
+        assert len(rest) >= 1  # the last token is always computed with the rest
+        # positions continue where the prefix ends, as in the whole prompt
+        real = split.attention_mask[i, p:].bool()
+        assert split.position_ids[i][real].tolist() == list(range(p, len(whole)))
+    assert bool(split.attention_mask[:, :p].all())
+    # nothing shared: no split
+    ids = probes.input_ids.clone()
+    first_real = probes.attention_mask.float().argmax(1)
+    ids[0, first_real[0]] = ids[0, first_real[0]] + 1
+    assert split_shared_prefix(ids, probes.attention_mask) is None
+
+
+@pytest.mark.parametrize("touch", ["late", "all"])
+def test_the_shared_token_prefix_gives_the_same_effects(
+    tiny: HarnessSession, late_diff: dict, steering_diff, answer_ids: tuple[int, int], touch: str
+) -> None:
+    arch, probes = tiny.arch, tiny.probes("eval")
+    w = late_diff if touch == "late" else dict(steering_diff(tiny, 0.5))
+    w_write = write_part(w, arch)
+    variants = {"w": w_write, "half": {k: 0.5 * v for k, v in w_write.items()}}
+    plain = steering_effects(tiny.model, arch, probes, answer_ids, variants, max_batch=8,
+                             share_upstream=False, share_prefix=False)
+    for upstream in (False, True):
+        got = steering_effects(tiny.model, arch, probes, answer_ids, variants, max_batch=8,
+                               share_upstream=upstream, share_prefix=True)
+        for name in variants:
+            torch.testing.assert_close(got[name], plain[name], rtol=1e-5, atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in tiny.model.modules())

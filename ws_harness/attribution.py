@@ -18,7 +18,14 @@ from ws_harness.device import model_device
 from ws_harness.diffs import Diff, validate_diff, weight_steer
 from ws_harness.linalg import BASIS_ORTHONORMAL_TOL, top_eigenvectors
 from ws_harness.nulls import SIGNED_P_METHODS, null_moments, signed_layer_sum_p_value
-from ws_harness.prefix import first_touched_layer, hidden_entering, replayed_prefix
+from ws_harness.prefix import (
+    cache_argument,
+    first_touched_layer,
+    hidden_entering,
+    prefix_cache,
+    replayed_prefix,
+    split_shared_prefix,
+)
 from ws_harness.steering import answer_logit_diff
 
 __all__ = [
@@ -108,9 +115,10 @@ def path_gradients(
     *,
     roles: Iterable[str] = tuple(ROLES),
     n_nodes: int = 4,
-    batch_size: int = 4,
+    batch_size: int = 20,
     measure: bool = True,
     share_upstream: bool = True,
+    share_prefix: bool = True,
 ) -> PathGradients:
     """Gradients of mean_i m_i averaged over the straight path θ + t·w, t ∈ [−1, 1].
 
@@ -121,11 +129,16 @@ def path_gradients(
     every other parameter has requires_grad False meanwhile. Weights (bit-for-bit, by
     ``weight_steer``), requires_grad flags and ``.grad`` are restored afterwards, also on
     error. ``measure``: also measure S(w) (two more forward passes). ``batch_size`` prompts
-    go through each backward pass: its activations are the memory peak (4 prompts of the
-    135M model: 2.4 GB of process RSS instead of 3.3 GB for 20, in the same time).
+    go through each backward pass: its activations are the memory peak. With the shared prefix
+    (below), 20 prompts of the 135M model peak at 2.37 GB of process RSS in 0.70× the time of
+    batches of 4 without it (2.09 GB); in batches of 4 the one-row prefix pass per batch eats
+    the gain.
     ``share_upstream``: the layers below the first layer w touches are the same at every node
     (w does not change them, and no gradient is taken there), so they run once for all nodes
-    (`prefix.replayed_prefix`), not once per node and batch.
+    (`prefix.replayed_prefix`), not once per node and batch. ``share_prefix``: the token
+    prefix a batch's prompts share runs on one row, and its keys and values (with their
+    gradient path) serve every row of the batch (`prefix.split_shared_prefix`). Both change
+    the gradients only by float rounding.
     """
     roles = tuple(roles)
     bad = [r for r in roles if r not in ROLES]
@@ -149,10 +162,21 @@ def path_gradients(
     device = model_device(model)
     first = first_touched_layer(arch, checked) if share_upstream else 0
     batches = [probes.slice(start, start + batch_size).to(device) for start in range(0, n, batch_size)]
+    splits = [split_shared_prefix(b.input_ids, b.attention_mask) if share_prefix else None
+              for b in batches]
+    cache_kw = cache_argument(model)
+
+    def batch_inputs(i: int) -> dict[str, Any]:
+        b, split = batches[i], splits[i]
+        if split is None:
+            return {"input_ids": b.input_ids, "attention_mask": b.attention_mask,
+                    "position_ids": b.position_ids, "use_cache": False}
+        return {**split.rest_inputs(), "use_cache": True,
+                cache_kw: prefix_cache(model, split, 1, len(b))}
+
     # Per batch, not sliced from one pass: a slice keeps only its own padding.
-    upstream = [hidden_entering(model, arch, {
-        "input_ids": b.input_ids, "attention_mask": b.attention_mask,
-        "position_ids": b.position_ids}, first) for b in batches] if first else None
+    upstream = [hidden_entering(model, arch, batch_inputs(i), first)
+                for i in range(len(batches))] if first else None
     flags = {name: p.requires_grad for name, p in params.items()}
     saved_grads = {name: params[name].grad for name in wanted}
     acc = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in wanted}
@@ -174,14 +198,12 @@ def path_gradients(
             params[name].grad = None
         for t, wt in zip(nodes.tolist(), weights.tolist(), strict=True):
             with weight_steer(model, checked, t), torch.enable_grad():
-                for i, batch in enumerate(batches):
+                for i in range(len(batches)):
                     with ExitStack() as stack:
+                        inputs = batch_inputs(i)  # the prefix runs here, at this node's weights
                         if upstream is not None:
                             stack.enter_context(replayed_prefix(arch, first, upstream[i]))
-                        logits = model(
-                            input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            position_ids=batch.position_ids, use_cache=False, logits_to_keep=1,
-                        ).logits[:, -1].float()
+                        logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
                     ((logits[:, pos] - logits[:, neg]).sum() / n).backward()
                     if per_batch:
                         collect(wt)

@@ -1,9 +1,11 @@
-"""Shared upstream prefix: the residual entering a diff's first touched layer, computed once and replayed."""
+"""Work shared by every variant's forward, done once: the untouched lower layers, the common prompt prefix."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,7 +13,15 @@ from torch import Tensor
 
 from ws_harness.arch import Architecture
 
-__all__ = ["first_touched_layer", "hidden_entering", "replayed_prefix"]
+__all__ = [
+    "SplitPrompts",
+    "cache_argument",
+    "first_touched_layer",
+    "hidden_entering",
+    "prefix_cache",
+    "replayed_prefix",
+    "split_shared_prefix",
+]
 
 
 class _Stop(Exception):
@@ -54,7 +64,7 @@ def hidden_entering(model: torch.nn.Module, arch: Architecture, inputs: Mapping[
     handle = _layer(arch, layer).register_forward_pre_hook(stop, with_kwargs=True)
     try:
         with torch.no_grad():
-            model(**inputs, use_cache=False, logits_to_keep=1)
+            model(**{"use_cache": False, **inputs}, logits_to_keep=1)
     except _Stop:
         pass
     finally:
@@ -109,3 +119,84 @@ def replayed_prefix(arch: Architecture, layer: int, hidden: Tensor, times: int =
             module.__dict__.pop("forward", None)
             if id(module) in saved:
                 module.forward = saved[id(module)]
+
+
+# ---- a prompt prefix shared by every row ------------------------------------------------------
+@dataclass(frozen=True)
+class SplitPrompts:
+    """Prompts cut after the token prefix they all share (the chat template's system turn).
+
+    `prefix_ids` [P]; `input_ids` [rows, S] the rest of each prompt, left-padded;
+    `attention_mask` [rows, P + S] (the prefix's ones, then the rest's mask: the padding sits
+    between the two and is masked); `position_ids` [rows, S] continue at P, so every token sees
+    the positions it has in the whole prompt.
+    """
+
+    prefix_ids: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def rest_inputs(self, times: int = 1) -> dict[str, Tensor]:
+        """Model inputs for the rest of the prompts, stacked `times` along dim 0."""
+        return {"input_ids": self.input_ids.repeat(times, 1),
+                "attention_mask": self.attention_mask.repeat(times, 1),
+                "position_ids": self.position_ids.repeat(times, 1)}
+
+    def prefix_inputs(self, rows: int) -> dict[str, Tensor]:
+        p = self.prefix_ids.shape[0]
+        return {"input_ids": self.prefix_ids.repeat(rows, 1),
+                "attention_mask": torch.ones(rows, p, dtype=self.attention_mask.dtype,
+                                             device=self.prefix_ids.device),
+                "position_ids": torch.arange(p, device=self.prefix_ids.device).repeat(rows, 1)}
+
+
+def split_shared_prefix(input_ids: Tensor, attention_mask: Tensor, min_prefix: int = 4
+                        ) -> SplitPrompts | None:
+    """The longest token prefix every (left-padded) row shares, less at least one token per row
+    (the last token must be computed with the rest); None when it is shorter than `min_prefix`."""
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(f"split_shared_prefix: input_ids {tuple(input_ids.shape)} and "
+                         f"attention_mask {tuple(attention_mask.shape)} must be the same [rows, T]")
+    rows = [ids[m.bool()] for ids, m in zip(input_ids, attention_mask, strict=True)]
+    shortest = min((len(r) for r in rows), default=0)
+    if shortest < 2:
+        return None
+    heads = torch.stack([r[:shortest] for r in rows])
+    same = (heads == heads[0]).all(0).long()
+    p = min(int(same.cumprod(0).sum()), shortest - 1)
+    if p < min_prefix:
+        return None
+    rests = [r[p:] for r in rows]
+    width = max(len(r) for r in rests)
+    ids = torch.zeros(len(rows), width, dtype=input_ids.dtype, device=input_ids.device)
+    mask = torch.zeros(len(rows), width, dtype=attention_mask.dtype, device=attention_mask.device)
+    for i, rest in enumerate(rests):
+        ids[i, width - len(rest):] = rest
+        mask[i, width - len(rest):] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0) + p
+    full_mask = torch.cat([torch.ones(len(rows), p, dtype=mask.dtype, device=mask.device), mask], 1)
+    return SplitPrompts(heads[0, :p].clone(), ids, full_mask, position_ids)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward's name for past keys and values: `cache` (transformers ≥ 5) or
+    `past_key_values` (4.x)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def prefix_cache(model: torch.nn.Module, split: SplitPrompts, chunks: int, rows: int) -> Any:
+    """Keys and values of the shared prefix, computed on `chunks` rows (one per chunk, under
+    whatever weight edits are active) and repeated `rows` times each, chunk-major, for a
+    forward of the rest of the prompts stacked `chunks` times."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    model(**split.prefix_inputs(chunks), use_cache=True, logits_to_keep=1,
+          **{cache_argument(model): cache})
+    cache.batch_repeat_interleave(rows)
+    return cache
