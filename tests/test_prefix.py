@@ -193,3 +193,25 @@ def test_the_shared_token_prefix_gives_the_same_effects(
         for name in variants:
             torch.testing.assert_close(got[name], plain[name], rtol=1e-5, atol=1e-5)
     assert not any("forward" in m.__dict__ for m in tiny.model.modules())
+
+
+def test_base_residual_is_reused_until_an_upstream_weight_is_edited(
+    tiny: HarnessSession, late_diff: dict, answer_ids: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ws_harness import retention
+
+    arch, probes = tiny.arch, tiny.probes("eval")
+    w_write = write_part(late_diff, arch)
+    calls = []
+    real = retention.hidden_entering
+    monkeypatch.setattr(retention, "hidden_entering", lambda *a, **k: calls.append(1) or real(*a, **k))
+    retention._BASE_HIDDEN.pop(tiny.model, None)
+    first = steering_effects(tiny.model, arch, probes, answer_ids, {"w": w_write})["w"]
+    again = steering_effects(tiny.model, arch, probes, answer_ids, {"w": w_write})["w"]
+    assert len(calls) == 1 and torch.equal(first, again)
+    # an in-place edit of layer 0 (undone since) bumps its version counter: computed afresh
+    name = arch.param_name(0, "down")
+    with weight_steer(tiny.model, {name: torch.zeros_like(arch.weight(0, "down")) + 1e-3}, 1.0):
+        pass
+    after = steering_effects(tiny.model, arch, probes, answer_ids, {"w": w_write})["w"]
+    assert len(calls) == 2 and torch.equal(after, first)

@@ -282,7 +282,7 @@ SETTINGS: tuple[Setting, ...] = (
             "adapter family of built diffs (PEFT config): lora, dora, pissa, oft or ia3"),
     Setting("measure", "WS_MEASURE", "top", _parse_measure,
             "measured keep/drop retention for: top (causal_oracle, block_oracle, w_oracle and "
-            "the 3 best write/mixed hypotheses by c_lin, per diff), all (every write/mixed "
+            "the 2 best write/mixed hypotheses by c_lin, per diff), all (every write/mixed "
             "hypothesis) or none"),
     Setting("device", "WS_DEVICE", "auto", _parse_device,
             "where model forwards run: auto (the first CUDA GPU if torch sees one, else the CPU), "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -267,6 +269,31 @@ def _repeat(batch: ProbeSet, times: int, device: torch.device) -> dict[str, Tens
     }
 
 
+# The base model's residual entering layer `first` for a prompt block is the same in every call
+# on that model (each hypothesis's retention entry is one call), so it is kept per model, keyed
+# by the block's tokens and by the storage and version counter of every weight upstream of
+# `first`: any in-place edit there, even one undone since, computes it afresh.
+_BASE_HIDDEN: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Tensor]] = \
+    weakref.WeakKeyDictionary()
+_BASE_HIDDEN_PER_MODEL = 4
+
+
+def _base_hidden(model: torch.nn.Module, arch: Architecture, batch: ProbeSet,
+                 split: SplitPrompts | None, first: int, cache_kw: str) -> Tensor:
+    upstream = [*arch.module("model.embed_tokens").parameters()] + [
+        p for layer in range(first) for p in arch.module(arch.layer_name(layer)).parameters()]
+    tokens = hashlib.sha256(batch.input_ids.cpu().numpy().tobytes()
+                            + batch.attention_mask.cpu().numpy().tobytes()).hexdigest()
+    key = (first, split is None, tokens, tuple((p.data_ptr(), p._version) for p in upstream))
+    memo = _BASE_HIDDEN.setdefault(model, {})
+    if key not in memo:
+        while len(memo) >= _BASE_HIDDEN_PER_MODEL:
+            memo.pop(next(iter(memo)))
+        memo[key] = hidden_entering(model, arch, _block_inputs(model, batch, split, 1, cache_kw),
+                                    first)
+    return memo[key]
+
+
 def _block_inputs(model: torch.nn.Module, batch: ProbeSet, split: SplitPrompts | None, times: int,
                   cache_kw: str) -> dict[str, Any]:
     """Model inputs for `times` stacked copies of a prompt block. With a split, the rest of the
@@ -323,8 +350,7 @@ def steering_effects(
         rows = len(batch)
         split = split_shared_prefix(batch.input_ids, batch.attention_mask) if share_prefix else None
         with torch.no_grad():
-            hidden = hidden_entering(model, arch, _block_inputs(model, batch, split, 1, cache_kw),
-                                     first) if first else None
+            hidden = _base_hidden(model, arch, batch, split, first, cache_kw) if first else None
             for g in range(0, len(names), per_forward):
                 group = names[g:g + per_forward]
                 chunks = [(sign, variants[name]) for name in group for sign in (1.0, -1.0)]
