@@ -215,3 +215,38 @@ def test_base_residual_is_reused_until_an_upstream_weight_is_edited(
         pass
     after = steering_effects(tiny.model, arch, probes, answer_ids, {"w": w_write})["w"]
     assert len(calls) == 2 and torch.equal(after, first)
+
+
+def test_edited_forwards_refuse_nesting_and_foreign_modules(tiny: HarnessSession, late_diff: dict) -> None:
+    arch = tiny.arch
+    w_write = write_part(late_diff, arch)
+    with added_writes(tiny.model, arch, [(1.0, w_write)]):
+        with pytest.raises(ValueError, match=r"already has its forward replaced .*nested"):
+            with added_writes(tiny.model, arch, [(1.0, w_write)]):
+                pass
+    assert not any("forward" in m.__dict__ for m in tiny.model.modules())
+
+
+def test_reduced_precision_adds_the_delta_in_float32(tiny: HarnessSession, late_diff: dict) -> None:
+    """In bfloat16 a small ΔW must not be rounded into W: block j is W x + α ΔW x."""
+    import copy
+
+    model = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    from ws_harness.arch import Architecture
+
+    arch = Architecture(model)
+    (layer, role), delta = next(iter(write_part(late_diff, arch).items()))
+    small = {(layer, role): 1e-4 * delta}  # far below half a bfloat16 step of W's entries
+    module = arch.module(arch.module_name(layer, role))
+    x = torch.randn(1, 5, module.in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(torch.bfloat16).repeat(2, 1, 1)  # the same rows in both chunks
+    with torch.no_grad(), added_writes(model, arch, [(1.0, small), (-1.0, small)]):
+        out = module(x)
+    base = torch.nn.functional.linear(x[:1], module.weight)
+    gap = (out[:1].float() - out[1:].float()).abs().max()
+    assert float(gap) > 0
+    # a bfloat16-rounded W + αΔW would keep almost none of this ΔW
+    with torch.no_grad():
+        rounded = torch.add(module.weight.float(), small[(layer, role)]).to(torch.bfloat16)
+    assert float((rounded != module.weight).float().mean()) < 0.1
+    torch.testing.assert_close(out[:1], base + (x[:1].float() @ small[(layer, role)].T).to(torch.bfloat16))

@@ -175,8 +175,9 @@ def path_gradients(
                 cache_kw: prefix_cache(model, split, 1, len(b))}
 
     # Per batch, not sliced from one pass: a slice keeps only its own padding.
-    upstream = [hidden_entering(model, arch, batch_inputs(i), first)
-                for i in range(len(batches))] if first else None
+    with torch.no_grad():  # the base prefix pass needs no graph
+        upstream = [hidden_entering(model, arch, batch_inputs(i), first)
+                    for i in range(len(batches))] if first else None
     flags = {name: p.requires_grad for name, p in params.items()}
     saved_grads = {name: params[name].grad for name in wanted}
     acc = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in wanted}

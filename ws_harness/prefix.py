@@ -98,10 +98,13 @@ def replayed_prefix(arch: Architecture, layer: int, hidden: Tensor, times: int =
 
     def inject(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         got = args[0] if args else kwargs["hidden_states"]
-        if tuple(got.shape) != tuple(replay.shape):
-            raise ValueError(f"replayed_prefix: layer {layer} got input of shape {tuple(got.shape)} "
-                             f"but the replayed residual has shape {tuple(replay.shape)}; the "
-                             f"inputs must be {times} copies of the prompts it was computed on")
+        if not isinstance(got, Tensor) or tuple(got.shape) != tuple(replay.shape):
+            shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
+            raise ValueError(f"replayed_prefix: layer {layer} got input of shape {shape} but the "
+                             f"replayed residual has shape {tuple(replay.shape)}; the inputs must "
+                             f"be {times} copies of the prompts it was computed on (a model whose "
+                             "decoder layers return tuples cannot skip layers: pass "
+                             "share_upstream=False)")
         if args:
             return (replay, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": replay}
@@ -196,7 +199,12 @@ def prefix_cache(model: torch.nn.Module, split: SplitPrompts, chunks: int, rows:
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    model(**split.prefix_inputs(chunks), use_cache=True, logits_to_keep=1,
-          **{cache_argument(model): cache})
+    name = cache_argument(model)
+    model(**split.prefix_inputs(chunks), use_cache=True, logits_to_keep=1, **{name: cache})
+    p = split.prefix_ids.shape[0]
+    if cache.get_seq_length() != p:  # the forward did not take the cache under that name
+        raise RuntimeError(f"prefix_cache: after a forward of the {p}-token prefix the cache holds "
+                           f"{cache.get_seq_length()} positions; {type(model).__name__}.forward "
+                           f"did not fill it through {name}=; pass share_prefix=False")
     cache.batch_repeat_interleave(rows)
     return cache

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ws_harness.arch import ROLES, WRITE_ROLES, Architecture
@@ -216,13 +217,16 @@ def added_writes(
 
     `chunks` = [(α_j, {(layer, role): ΔW_j})]; the model must then be called on a batch of
     len(chunks) equal-size blocks of rows stacked along dim 0 (block j = chunk j). Each touched
-    linear module computes block j with the edited weight W + α_j ΔW_j, formed in float32 and
-    rounded once to the weight's dtype, exactly as `diffs.weight_steer` edits it, and blocks
-    without a delta with W itself. So a forward costs what the unedited one costs. The residual
-    writes (o_proj, down_proj) are the point, but any of the seven roles works. Weights are
-    never modified: the modules' forwards are replaced by instance attributes, removed on
-    exit, also when the body raises. A batch whose size is not a multiple of len(chunks)
-    raises ValueError from the forward.
+    nn.Linear computes its blocks itself. With float32 weights, block j goes through the edited
+    weight W + α_j ΔW_j, formed as `diffs.weight_steer` forms it, so a forward costs what the
+    unedited one costs. With reduced-precision weights, block j is W x plus α_j ΔW_j x computed
+    in float32 and rounded once: a bfloat16 W + αΔW would round away most of a small ΔW (a
+    rank-k keep of a diff). Blocks without a delta use W alone. The residual writes (o_proj,
+    down_proj) are the point, but any of the seven roles works. For forwards without gradients
+    (measured effects): the deltas are constants. Weights are never modified: the modules'
+    forwards are replaced by instance attributes, removed on exit, also when the body raises.
+    Nesting is refused. A batch whose size is not a multiple of len(chunks) raises ValueError
+    from the forward.
     """
     per_module = _check_chunks(arch, chunks)
     n_chunks = len(chunks)
@@ -238,26 +242,35 @@ def added_writes(
             size = rows // n_chunks
             pieces = []
             for j in range(n_chunks):
-                w_j = weight
-                if j in entries:
-                    alpha, dw = entries[j]
-                    w_j = torch.add(weight.detach().float(), dw, alpha=alpha).to(weight.dtype)
-                pieces.append(torch.nn.functional.linear(x[j * size:(j + 1) * size], w_j, bias))
+                x_j = x[j * size:(j + 1) * size]
+                if j not in entries:
+                    pieces.append(F.linear(x_j, weight, bias))
+                    continue
+                alpha, dw = entries[j]
+                if weight.dtype == torch.float32:
+                    pieces.append(F.linear(x_j, torch.add(weight.detach(), dw, alpha=alpha), bias))
+                else:
+                    added = torch.matmul(x_j.to(torch.float32), dw.T).mul_(alpha)
+                    pieces.append(F.linear(x_j, weight, bias) + added.to(weight.dtype))
             return torch.cat(pieces, dim=0)
 
         return forward
 
     modules = {name: arch.module(name) for name in per_module}
-    saved = {name: m.__dict__["forward"] for name, m in modules.items() if "forward" in m.__dict__}
+    for name, module in modules.items():
+        if "forward" in module.__dict__:
+            raise ValueError(f"added_writes: {name} already has its forward replaced (a nested "
+                             "added_writes?); apply every chunk in one added_writes")
+        if type(module).forward is not torch.nn.Linear.forward:
+            raise TypeError(f"added_writes: {name} is a {type(module).__name__} with its own forward, "
+                            "not a plain nn.Linear; its output cannot be recomputed from its weight")
     try:
         for name, entries in per_module.items():
             modules[name].forward = make_forward(name, modules[name], entries)
         yield model
     finally:
-        for name, module in modules.items():
+        for module in modules.values():
             module.__dict__.pop("forward", None)
-            if name in saved:
-                module.forward = saved[name]
 
 
 def _repeat(batch: ProbeSet, times: int, device: torch.device) -> dict[str, Tensor]:
@@ -272,7 +285,8 @@ def _repeat(batch: ProbeSet, times: int, device: torch.device) -> dict[str, Tens
 # The base model's residual entering layer `first` for a prompt block is the same in every call
 # on that model (each hypothesis's retention entry is one call), so it is kept per model, keyed
 # by the block's tokens and by the storage and version counter of every weight upstream of
-# `first`: any in-place edit there, even one undone since, computes it afresh.
+# `first`: any in-place edit there, even one undone since, computes it afresh. (Edits through
+# `.data`, which bumps no version counter, would go unseen; nothing in the harness makes them.)
 _BASE_HIDDEN: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Tensor]] = \
     weakref.WeakKeyDictionary()
 _BASE_HIDDEN_PER_MODEL = 4
@@ -282,7 +296,8 @@ def _base_hidden(model: torch.nn.Module, arch: Architecture, batch: ProbeSet,
                  split: SplitPrompts | None, first: int, cache_kw: str) -> Tensor:
     upstream = [*arch.module("model.embed_tokens").parameters()] + [
         p for layer in range(first) for p in arch.module(arch.layer_name(layer)).parameters()]
-    tokens = hashlib.sha256(batch.input_ids.cpu().numpy().tobytes()
+    tokens = hashlib.sha256(repr(tuple(batch.input_ids.shape)).encode()
+                            + batch.input_ids.cpu().numpy().tobytes()
                             + batch.attention_mask.cpu().numpy().tobytes()).hexdigest()
     key = (first, split is None, tokens, tuple((p.data_ptr(), p._version) for p in upstream))
     memo = _BASE_HIDDEN.setdefault(model, {})
