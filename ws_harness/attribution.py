@@ -19,10 +19,9 @@ from ws_harness.diffs import Diff, validate_diff, weight_steer
 from ws_harness.linalg import BASIS_ORTHONORMAL_TOL, top_eigenvectors
 from ws_harness.nulls import SIGNED_P_METHODS, null_moments, signed_layer_sum_p_value
 from ws_harness.prefix import (
-    cache_argument,
+    block_inputs,
     first_touched_layer,
     hidden_entering,
-    prefix_cache,
     replayed_prefix,
     split_shared_prefix,
 )
@@ -164,20 +163,10 @@ def path_gradients(
     batches = [probes.slice(start, start + batch_size).to(device) for start in range(0, n, batch_size)]
     splits = [split_shared_prefix(b.input_ids, b.attention_mask) if share_prefix else None
               for b in batches]
-    cache_kw = cache_argument(model)
-
-    def batch_inputs(i: int) -> dict[str, Any]:
-        b, split = batches[i], splits[i]
-        if split is None:
-            return {"input_ids": b.input_ids, "attention_mask": b.attention_mask,
-                    "position_ids": b.position_ids, "use_cache": False}
-        return {**split.rest_inputs(), "use_cache": True,
-                cache_kw: prefix_cache(model, split, 1, len(b))}
-
     # Per batch, not sliced from one pass: a slice keeps only its own padding.
     with torch.no_grad():  # the base prefix pass needs no graph
-        upstream = [hidden_entering(model, arch, batch_inputs(i), first)
-                    for i in range(len(batches))] if first else None
+        upstream = [hidden_entering(model, arch, block_inputs(model, b, split), first)
+                    for b, split in zip(batches, splits, strict=True)] if first else None
     flags = {name: p.requires_grad for name, p in params.items()}
     saved_grads = {name: params[name].grad for name in wanted}
     acc = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in wanted}
@@ -201,7 +190,8 @@ def path_gradients(
             with weight_steer(model, checked, t), torch.enable_grad():
                 for i in range(len(batches)):
                     with ExitStack() as stack:
-                        inputs = batch_inputs(i)  # the prefix runs here, at this node's weights
+                        # the prefix runs here, at this node's weights
+                        inputs = block_inputs(model, batches[i], splits[i])
                         if upstream is not None:
                             stack.enter_context(replayed_prefix(arch, first, upstream[i]))
                         logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()

@@ -12,9 +12,11 @@ import torch
 from torch import Tensor
 
 from ws_harness.arch import Architecture
+from ws_harness.data import ProbeSet
 
 __all__ = [
     "SplitPrompts",
+    "block_inputs",
     "cache_argument",
     "first_touched_layer",
     "hidden_entering",
@@ -208,3 +210,17 @@ def prefix_cache(model: torch.nn.Module, split: SplitPrompts, chunks: int, rows:
                            f"did not fill it through {name}=; pass share_prefix=False")
     cache.batch_repeat_interleave(rows)
     return cache
+
+
+def block_inputs(model: torch.nn.Module, batch: ProbeSet, split: SplitPrompts | None,
+                 times: int = 1) -> dict[str, Any]:
+    """Model inputs (`use_cache` included) for `times` stacked copies of a prompt block already
+    on the model's device. With a split: the rest of the prompts and the keys and values of their
+    shared prefix, computed here on one row per copy, so under whatever weight edits are active
+    (copy j = chunk j)."""
+    if split is None:
+        return {"input_ids": batch.input_ids.repeat(times, 1),
+                "attention_mask": batch.attention_mask.repeat(times, 1),
+                "position_ids": batch.position_ids.repeat(times, 1), "use_cache": False}
+    return {**split.rest_inputs(times), "use_cache": True,
+            cache_argument(model): prefix_cache(model, split, times, len(batch))}

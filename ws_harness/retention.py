@@ -21,10 +21,9 @@ from ws_harness.linalg import BASIS_ORTHONORMAL_TOL
 from ws_harness.nulls import haar_bases
 from ws_harness.prefix import (
     SplitPrompts,
-    cache_argument,
+    block_inputs,
     first_touched_layer,
     hidden_entering,
-    prefix_cache,
     replayed_prefix,
     split_shared_prefix,
 )
@@ -273,15 +272,6 @@ def added_writes(
             module.__dict__.pop("forward", None)
 
 
-def _repeat(batch: ProbeSet, times: int, device: torch.device) -> dict[str, Tensor]:
-    batch = batch.to(device)
-    return {
-        "input_ids": batch.input_ids.repeat(times, 1),
-        "attention_mask": batch.attention_mask.repeat(times, 1),
-        "position_ids": batch.position_ids.repeat(times, 1),
-    }
-
-
 # The base model's residual entering layer `first` for a prompt block is the same in every call
 # on that model (each hypothesis's retention entry is one call), so it is kept per model, keyed
 # by the block's tokens and by the storage and version counter of every weight upstream of
@@ -293,7 +283,7 @@ _BASE_HIDDEN_PER_MODEL = 4
 
 
 def _base_hidden(model: torch.nn.Module, arch: Architecture, batch: ProbeSet,
-                 split: SplitPrompts | None, first: int, cache_kw: str) -> Tensor:
+                 split: SplitPrompts | None, first: int) -> Tensor:
     upstream = [*arch.module("model.embed_tokens").parameters()] + [
         p for layer in range(first) for p in arch.module(arch.layer_name(layer)).parameters()]
     tokens = hashlib.sha256(repr(tuple(batch.input_ids.shape)).encode()
@@ -304,20 +294,9 @@ def _base_hidden(model: torch.nn.Module, arch: Architecture, batch: ProbeSet,
     if key not in memo:
         while len(memo) >= _BASE_HIDDEN_PER_MODEL:
             memo.pop(next(iter(memo)))
-        memo[key] = hidden_entering(model, arch, _block_inputs(model, batch, split, 1, cache_kw),
+        memo[key] = hidden_entering(model, arch, block_inputs(model, batch, split),
                                     first)
     return memo[key]
-
-
-def _block_inputs(model: torch.nn.Module, batch: ProbeSet, split: SplitPrompts | None, times: int,
-                  cache_kw: str) -> dict[str, Any]:
-    """Model inputs for `times` stacked copies of a prompt block. With a split, the rest of the
-    prompts and the keys and values of their shared prefix, computed here on one row per copy
-    (so under whatever weight edits are active, copy j = chunk j)."""
-    if split is None:
-        return _repeat(batch, times, batch.input_ids.device)
-    return {**split.rest_inputs(times), "use_cache": True,
-            cache_kw: prefix_cache(model, split, times, len(batch))}
 
 
 def steering_effects(
@@ -358,24 +337,22 @@ def steering_effects(
     first = first_touched_layer(arch, [key for v in variants.values() for key in v]) \
         if share_upstream else 0
     device = model_device(model)
-    cache_kw = cache_argument(model)
     margins: dict[str, list[Tensor]] = {name: [] for name in names}
     for start in range(0, n, block):
         batch = probes.slice(start, start + block).to(device)
         rows = len(batch)
         split = split_shared_prefix(batch.input_ids, batch.attention_mask) if share_prefix else None
         with torch.no_grad():
-            hidden = _base_hidden(model, arch, batch, split, first, cache_kw) if first else None
+            hidden = _base_hidden(model, arch, batch, split, first) if first else None
             for g in range(0, len(names), per_forward):
                 group = names[g:g + per_forward]
                 chunks = [(sign, variants[name]) for name in group for sign in (1.0, -1.0)]
                 with ExitStack() as stack:
                     stack.enter_context(added_writes(model, arch, chunks))
-                    inputs = _block_inputs(model, batch, split, len(chunks), cache_kw)
+                    inputs = block_inputs(model, batch, split, len(chunks))
                     if hidden is not None:
                         stack.enter_context(replayed_prefix(arch, first, hidden, times=len(chunks)))
-                    logits = model(**{"use_cache": False, **inputs},
-                                   logits_to_keep=1).logits[:, -1].float()
+                    logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
                 m = (logits[:, pos] - logits[:, neg]).to(device="cpu", dtype=torch.float64)
                 for i, name in enumerate(group):
                     plus = m[(2 * i) * rows:(2 * i + 1) * rows]
