@@ -309,3 +309,88 @@ def test_an_interrupted_builds_temporary_folder_is_removed_at_next_access(tmp_pa
     cache = DiskCache(tmp_path / "cache")
     assert cache.get_or_build_json("slow", {"n": 2}, lambda: [2]) == [2]  # another entry
     assert [p.name for p in kind.iterdir() if ".tmp-" in p.name] == []
+
+
+# ---- heavy builds take one of a few cross-process slots ---------------------------------------
+_HEAVY_HOLDER = """
+import sys, time
+from ws_harness.cache import DiskCache
+
+def build():
+    open(sys.argv[2], "w").write("started")
+    time.sleep(1.5)
+    open(sys.argv[3], "w").write(repr(time.time()))
+    return [1]
+
+DiskCache(sys.argv[1], heavy_slots=int(sys.argv[5])).get_or_build_json(
+    sys.argv[4], {"holder": 1}, build, producer=DiskCache.size_bytes)
+"""
+
+
+@pytest.mark.parametrize(("kind", "slots", "waits"), [
+    ("attribution", 1, True),  # heavy, one slot: the second build waits for the first
+    ("attribution", 2, False),  # heavy, two slots: both run at once
+    ("scores", 1, False),  # not a heavy kind: never waits for a slot
+])
+def test_heavy_builds_take_turns_when_the_slots_are_taken(
+    tmp_path: Path, kind: str, slots: int, waits: bool
+) -> None:
+    script, started, ended = tmp_path / "heavy.py", tmp_path / "started", tmp_path / "ended"
+    script.write_text(_HEAVY_HOLDER)
+    root = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, str(script), str(root), str(started), str(ended),
+                             kind, str(slots)])
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the holder never built"
+            time.sleep(0.02)
+        began: list[float] = []
+        cache = DiskCache(root, heavy_slots=slots)
+        cache.get_or_build_json(kind, {"other": 2}, lambda: began.append(time.time()) or [2])
+    finally:
+        assert proc.wait(60) == 0
+    holder_end = float(ended.read_text())
+    assert (began[0] >= holder_end) is waits, (began[0], holder_end)
+    assert len(cache.slot_waits) == (1 if kind in cache_module.HEAVY_KINDS else 0)
+
+
+def test_a_heavy_build_nested_in_another_uses_its_slot(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, heavy_slots=1)
+
+    def outer() -> list[int]:
+        inner = cache.get_or_build_json("retention_reference", {"n": 1}, lambda: [1])
+        return inner + [2]
+
+    start = time.monotonic()
+    assert cache.get_or_build_json("retention", {"n": 1}, outer) == [1, 2]
+    assert time.monotonic() - start < cache_module.HEAVY_SLOT_WAIT_S  # no wait on itself
+    assert len(cache.slot_waits) == 1 and cache.builds[0].startswith("retention_reference/")
+
+
+def test_a_slot_not_freed_in_time_is_skipped_with_a_notice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from filelock import FileLock
+
+    monkeypatch.setattr(cache_module, "HEAVY_SLOT_WAIT_S", 0.3)
+    (tmp_path / ".heavy-slots").mkdir()
+    holder = FileLock(str(tmp_path / ".heavy-slots" / "slot-0.lock"))
+    holder.acquire()  # a holder that never lets go (one stuck waiting on this process's entry)
+    try:
+        got = DiskCache(tmp_path, heavy_slots=1).get_or_build_json("diff", {"n": 1}, lambda: [3])
+    finally:
+        holder.release()
+    assert got == [3]
+    assert "no heavy-build slot free after 0 s for diff" in capsys.readouterr().err
+
+
+def test_the_slot_count_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cache_module.HEAVY_SLOTS_ENV, "3")
+    assert cache_module.default_heavy_slots() == 3
+    monkeypatch.setenv(cache_module.HEAVY_SLOTS_ENV, "0")  # no limit
+    assert cache_module.default_heavy_slots() == 0
+    for bad in ("two", "-1"):
+        monkeypatch.setenv(cache_module.HEAVY_SLOTS_ENV, bad)
+        with pytest.raises(ValueError, match=f"WS_HEAVY_SLOTS={bad!r}"):
+            cache_module.default_heavy_slots()

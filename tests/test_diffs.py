@@ -237,6 +237,44 @@ def test_lora_delta_is_what_peft_merges(tiny: HarnessSession) -> None:
         assert torch.allclose(dict(merged.named_parameters())[name] - base[name], d, atol=1e-4)
 
 
+def _model_state(model: torch.nn.Module) -> tuple:
+    return ([(n, type(m).__name__) for n, m in model.named_modules()],
+            [(n, p.data_ptr(), p._version, p.requires_grad, p.detach().clone())
+             for n, p in model.named_parameters()],
+            hasattr(model, "peft_config"))
+
+
+def _same_state(a: tuple, b: tuple) -> bool:
+    return (a[0] == b[0] and a[2] == b[2] and len(a[1]) == len(b[1])
+            and all(x[:4] == y[:4] and torch.equal(x[4], y[4]) for x, y in zip(a[1], b[1])))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5 vs PEFT, harmless
+def test_lora_trains_on_the_shared_model_and_gives_it_back_unchanged(
+    private: HarnessSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LoRA injects its adapter into the shared model (no 0.5 GB private copy at 135M) and
+    unloads it again: modules, weights, storage, version counters and requires_grad as before,
+    also when training fails half-way."""
+    model, arch = private.model, private.arch
+    model.model.embed_tokens.weight.requires_grad_(False)  # a non-default flag must survive too
+    before = _model_state(model)
+    example = lora.Example(input_ids=[1, 2, 3, 4, 5], positions=[2, 3], targets=[4, 5])
+    hp = lora.resolve_hparams(lora.DEFAULT_RECIPE, FAST)
+    delta, losses = lora.train_side(model, arch, [example], hp, 0, pad_id=0, progress=False)
+    assert len(losses) == hp.steps and all(d.abs().sum() > 0 for d in delta.values())
+    assert _same_state(before, _model_state(model))
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(lora, "_batch_loss", failing)
+    with pytest.raises(RuntimeError, match="step failed"):
+        lora.train_side(model, arch, [example], hp, 0, pad_id=0, progress=False)
+    assert _same_state(before, _model_state(model))
+    model.model.embed_tokens.weight.requires_grad_(True)
+
+
 def test_build_targets_the_middle_layers_and_is_deterministic(tiny: HarnessSession) -> None:
     a = tiny.build_diff(0, hparams=FAST, progress=False, use_cache=False)
     again = tiny.build_diff(0, hparams=FAST, progress=False, use_cache=False)

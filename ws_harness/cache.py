@@ -31,6 +31,9 @@ from ws_harness.progress import pid_alive
 __all__ = [
     "CacheWarning",
     "DiskCache",
+    "HEAVY_KINDS",
+    "HEAVY_SLOTS_ENV",
+    "default_heavy_slots",
     "code_closure",
     "code_version",
     "content_hash",
@@ -56,6 +59,15 @@ HASHED_KINDS = frozenset({"diff"})
 WAIT_NOTICE_S = 5.0  # say who holds a build lock after this long, then every WAIT_REPEAT_S
 WAIT_REPEAT_S = 60.0
 FOREIGN_TMP_MAX_AGE_S = 24 * 3600  # another host's tmp folder: its pid cannot be checked here
+# Builds that run the model with activations (and gradients) held: each holds 1-1.5 GB at 135M
+# on top of its worker. At most `heavy_slots` of them run at once across the processes sharing a
+# cache: more than there are cores run no faster, and their peaks add up.
+HEAVY_KINDS = frozenset({"diff", "adapter_diff", "steering", "labels", "attribution",
+                         "retention_reference", "retention"})
+HEAVY_SLOTS_ENV = "WS_HEAVY_SLOTS"
+# A build waiting longer than this for a slot runs without one: a slot holder can be waiting
+# for an entry this build's process holds, and a wait must never become a deadlock.
+HEAVY_SLOT_WAIT_S = 20.0
 
 _PACKAGE = "ws_harness"
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -406,6 +418,24 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def default_heavy_slots() -> int:
+    """How many heavy builds may run at once: $WS_HEAVY_SLOTS, else the cores this process may use."""
+    raw = os.environ.get(HEAVY_SLOTS_ENV, "").strip()
+    if raw:
+        try:
+            slots = int(raw)
+        except ValueError:
+            slots = -1
+        if slots < 0:
+            raise ValueError(f"{HEAVY_SLOTS_ENV}={raw!r}: expected a whole number of concurrent "
+                             "heavy builds (0 = no limit)")
+        return slots
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class DiskCache:
     """Entries live at `root/<kind>/<key>/`; the key hashes the inputs and the producing code.
 
@@ -417,11 +447,19 @@ class DiskCache:
     they are waiting for. An entry that fails its manifest check or fails to load is reported
     with a CacheWarning naming it, removed and rebuilt, never trusted. Each build, and each entry
     returned, is reported to :mod:`ws_harness.progress` (phase: the kind; key: the entry's key).
+
+    Builds of HEAVY_KINDS also take one of `heavy_slots` cross-process slots (0: no limit), so
+    that four xdist workers on two cores hold at most two builds' activations at once.
     """
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, heavy_slots: int | None = None) -> None:
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.heavy_slots = default_heavy_slots() if heavy_slots is None else heavy_slots
+        if self.heavy_slots < 0:
+            raise ValueError(f"heavy_slots={heavy_slots}: expected 0 (no limit) or more")
+        self._slot_depth = 0  # >0 while this process holds a slot: nested heavy builds share it
+        self.slot_waits: list[float] = []  # seconds each acquired slot was waited for
         self.builds: list[str] = []  # "<kind>/<key>" built by this process, for reports and tests
         self.used: set[str] = set()  # "<kind>/<key>" this process returned, built or read (warm)
         self._swept: set[str] = set()  # kinds whose stale tmp folders this process has removed
@@ -489,6 +527,50 @@ class DiskCache:
             owner.unlink(missing_ok=True)  # before the release: the next holder writes its own
             lock.release()
 
+    @contextmanager
+    def _heavy_slot(self, kind: str) -> Iterator[None]:
+        """Hold one of the cache's heavy-build slots while a HEAVY_KINDS entry is built.
+
+        Re-entrant: a heavy build nested in another (retention building its reference) uses
+        the slot its process already holds. A slot not free within HEAVY_SLOT_WAIT_S is
+        skipped, with a notice: memory then peaks higher, but the run goes on.
+        """
+        if kind not in HEAVY_KINDS or self.heavy_slots == 0 or self._slot_depth > 0:
+            self._slot_depth += 1
+            try:
+                yield
+            finally:
+                self._slot_depth -= 1
+            return
+        folder = self.root / ".heavy-slots"
+        folder.mkdir(exist_ok=True)
+        locks = [FileLock(str(folder / f"slot-{i}.lock")) for i in range(self.heavy_slots)]
+        held: FileLock | None = None
+        start = time.monotonic()
+        while held is None:
+            for lock in locks:
+                try:
+                    lock.acquire(timeout=0)
+                except Timeout:
+                    continue
+                held = lock
+                break
+            if held is None:
+                if time.monotonic() - start > HEAVY_SLOT_WAIT_S:
+                    _say(f"ws-harness cache: no heavy-build slot free after {HEAVY_SLOT_WAIT_S:.0f} s "
+                         f"for {kind}; building without one (set {HEAVY_SLOTS_ENV} to change "
+                         f"the limit of {self.heavy_slots})")
+                    break
+                time.sleep(0.1)
+        self.slot_waits.append(time.monotonic() - start)
+        self._slot_depth += 1
+        try:
+            yield
+        finally:
+            self._slot_depth -= 1
+            if held is not None:
+                held.release()
+
     def get_or_build_dir(
         self,
         kind: str,
@@ -536,9 +618,8 @@ class DiskCache:
             tmp = final.parent / f".{key}.tmp-{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
             progress.begin(kind, key)
-            started = time.perf_counter()
             try:
-                with one_thread():
+                with self._heavy_slot(kind), one_thread():
                     build(tmp)
                 (tmp / "parts.json").write_text(
                     json.dumps({"kind": kind, "parts": parts}, indent=1, default=str)
@@ -550,8 +631,7 @@ class DiskCache:
                 raise
             finally:
                 progress.end(kind, key)
-                if time.perf_counter() - started > 1.0:  # big builds leave big heaps
-                    release_freed_memory()
+                release_freed_memory()  # ~0.1 ms; a build's temporaries otherwise stay resident
             self.builds.append(f"{kind}/{key}")
             value = load(final)
             self._served(kind, key)

@@ -375,10 +375,13 @@ def train_side(
     """Train one PEFT adapter of `family` on a private copy of `model` and return its merged delta
     per target weight, keyed by the base parameter name (float32), and the losses.
 
-    lora: Δ = scale·B·A from the factors (the original path); other families: merged − base after
-    PEFT's merge_and_unload. The shared model is never modified. Deterministic for a fixed
-    `seed`: it seeds the adapter init (LoRA's A is Kaiming-uniform, B zero) and the data order;
-    dropout is 0.
+    lora: Δ = scale·B·A from the factors (the original path); the adapter is injected into the
+    shared model and unloaded again in `finally` (its weights are frozen and never written, so
+    no private copy is needed: that copy was 0.54 GB per training worker at 135M). Other
+    families: merged − base after PEFT's merge_and_unload, which writes the weights, so they
+    train a private copy. Either way the shared model comes back as it was, `requires_grad`
+    flags included. Deterministic for a fixed `seed`: it seeds the adapter init (LoRA's A is
+    Kaiming-uniform, B zero) and the data order; dropout is 0.
     """
     from peft import get_peft_model
 
@@ -391,34 +394,57 @@ def train_side(
                          f"their delta is merged − base, which {dtype} rounding swamps; LoRA's "
                          "comes from its factors and works in any dtype")
     names = target_modules(arch, hp)
-    student = copy.deepcopy(model)  # PEFT injects adapters in place: keep the shared model pure
+    in_place = family == "lora"
+    # PEFT injects adapters in place and freezes every other parameter.
+    student = model if in_place else copy.deepcopy(model)
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     config = peft_config(family, hp, names)
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # transformers 5 deprecates an attribute PEFT still reads; the warning is noise here.
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(student, config)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    batches = _order(len(examples), hp.steps, hp.batch_size, generator)
-    for done_steps, batch_idx in enumerate(batches, start=1):
-        loss = _batch_loss(student, [examples[i] for i in batch_idx], pad_id)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if progress:  # the run's status line shows it ("diff scripted seed 1 positive step 4/16")
-            run_progress.step("diff", desc, done_steps, len(batches))
-    if family == "lora":
-        delta = lora_deltas(student, names)
-    else:
-        from ws_harness.adapters import merged_deltas
+    peft_model = None
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # transformers 5 deprecates an attribute PEFT still reads; the warning is noise here.
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(student, config)
+        params = [p for p in student.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        generator = torch.Generator().manual_seed(seed)
+        losses: list[float] = []
+        batches = _order(len(examples), hp.steps, hp.batch_size, generator)
+        for done_steps, batch_idx in enumerate(batches, start=1):
+            loss = _batch_loss(student, [examples[i] for i in batch_idx], pad_id)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if progress:  # the status line shows it ("diff scripted seed 1 positive step 4/16")
+                run_progress.step("diff", desc, done_steps, len(batches))
+        if in_place:
+            delta = lora_deltas(student, names)
+        else:
+            from ws_harness.adapters import merged_deltas
 
-        delta = merged_deltas(peft_model, model, arch, source=f"{family} adapter ({desc})")
-    del student, peft_model, optimizer
+            delta = merged_deltas(peft_model, model, arch, source=f"{family} adapter ({desc})")
+    finally:
+        if in_place:
+            if peft_model is not None:
+                peft_model.unload()  # the original modules back, nothing merged
+            _restore_shared(model, trainable)
     return delta, losses
+
+
+def _restore_shared(model: torch.nn.Module, trainable: dict[str, bool]) -> None:
+    """Undo what training in place left on the shared model: requires_grad flags, and any
+    adapter module a failed injection left behind (named, so it cannot pass silently)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, p in model.named_parameters():
+        if name in trainable:
+            p.requires_grad_(trainable[name])
+    left = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if left or hasattr(model, "peft_config"):
+        raise RuntimeError(f"training left PEFT adapters on the shared model ({left[:3]}…); "
+                           "reload the model: its forwards are no longer the base model's")
 
 
 @torch.no_grad()
