@@ -65,9 +65,6 @@ FOREIGN_TMP_MAX_AGE_S = 24 * 3600  # another host's tmp folder: its pid cannot b
 HEAVY_KINDS = frozenset({"diff", "adapter_diff", "steering", "labels", "attribution",
                          "retention_reference", "retention"})
 HEAVY_SLOTS_ENV = "WS_HEAVY_SLOTS"
-# A build waiting longer than this for a slot runs without one: a slot holder can be waiting
-# for an entry this build's process holds, and a wait must never become a deadlock.
-HEAVY_SLOT_WAIT_S = 20.0
 
 _PACKAGE = "ws_harness"
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -458,8 +455,9 @@ class DiskCache:
         self.heavy_slots = default_heavy_slots() if heavy_slots is None else heavy_slots
         if self.heavy_slots < 0:
             raise ValueError(f"heavy_slots={heavy_slots}: expected 0 (no limit) or more")
-        self._slot_depth = 0  # >0 while this process holds a slot: nested heavy builds share it
-        self.slot_waits: list[float] = []  # seconds each acquired slot was waited for
+        self._slot_depth = 0  # heavy builds in progress in this process (nested ones share a slot)
+        self._slot: FileLock | None = None  # the slot this process holds, if any
+        self.slot_waits: list[float] = []  # seconds each heavy build waited for its slot
         self.builds: list[str] = []  # "<kind>/<key>" built by this process, for reports and tests
         self.used: set[str] = set()  # "<kind>/<key>" this process returned, built or read (warm)
         self._swept: set[str] = set()  # kinds whose stale tmp folders this process has removed
@@ -510,15 +508,28 @@ class DiskCache:
         owner = Path(str(final) + ".lock.owner")
         start = time.monotonic()
         wait = WAIT_NOTICE_S
-        while True:
-            try:
-                lock.acquire(timeout=wait)
-                break
-            except Timeout:
-                _say(f"ws-harness cache: waiting for {kind}/{key}, which {_owner_text(owner)} is "
-                     f"building ({time.monotonic() - start:.0f} s so far); it is read, not built "
-                     f"again, once that finishes (lock {final}.lock)")
-                wait = WAIT_REPEAT_S
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            # Another process builds this entry. A heavy build of ours waiting for it lends its
+            # slot meanwhile (that build may need it), and takes one again before going on.
+            lent = self._slot is not None
+            self._drop_slot()
+            while True:
+                try:
+                    lock.acquire(timeout=wait)
+                    break
+                except Timeout:
+                    _say(f"ws-harness cache: waiting for {kind}/{key}, which {_owner_text(owner)} "
+                         f"is building ({time.monotonic() - start:.0f} s so far); it is read, not "
+                         f"built again, once that finishes (lock {final}.lock)")
+                    wait = WAIT_REPEAT_S
+            if lent:
+                try:
+                    self._take_slot(kind)
+                except BaseException:
+                    lock.release()
+                    raise
         try:
             owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                          "since": time.time(), "entry": f"{kind}/{key}"}))
@@ -527,49 +538,54 @@ class DiskCache:
             owner.unlink(missing_ok=True)  # before the release: the next holder writes its own
             lock.release()
 
-    @contextmanager
-    def _heavy_slot(self, kind: str) -> Iterator[None]:
-        """Hold one of the cache's heavy-build slots while a HEAVY_KINDS entry is built.
-
-        Re-entrant: a heavy build nested in another (retention building its reference) uses
-        the slot its process already holds. A slot not free within HEAVY_SLOT_WAIT_S is
-        skipped, with a notice: memory then peaks higher, but the run goes on.
-        """
-        if kind not in HEAVY_KINDS or self.heavy_slots == 0 or self._slot_depth > 0:
-            self._slot_depth += 1
-            try:
-                yield
-            finally:
-                self._slot_depth -= 1
-            return
+    def _take_slot(self, kind: str) -> float:
+        """Block until one of the heavy-build slots is this process's; return the seconds waited."""
         folder = self.root / ".heavy-slots"
         folder.mkdir(exist_ok=True)
         locks = [FileLock(str(folder / f"slot-{i}.lock")) for i in range(self.heavy_slots)]
-        held: FileLock | None = None
         start = time.monotonic()
-        while held is None:
+        notice = start + WAIT_REPEAT_S
+        while True:
             for lock in locks:
                 try:
                     lock.acquire(timeout=0)
                 except Timeout:
                     continue
-                held = lock
-                break
-            if held is None:
-                if time.monotonic() - start > HEAVY_SLOT_WAIT_S:
-                    _say(f"ws-harness cache: no heavy-build slot free after {HEAVY_SLOT_WAIT_S:.0f} s "
-                         f"for {kind}; building without one (set {HEAVY_SLOTS_ENV} to change "
-                         f"the limit of {self.heavy_slots})")
-                    break
-                time.sleep(0.1)
-        self.slot_waits.append(time.monotonic() - start)
+                self._slot = lock
+                return time.monotonic() - start
+            if time.monotonic() > notice:
+                _say(f"ws-harness cache: {kind} is waiting for one of {self.heavy_slots} heavy-build "
+                     f"slots ({time.monotonic() - start:.0f} s so far; {HEAVY_SLOTS_ENV} sets how "
+                     "many heavy builds run at once)")
+                notice += WAIT_REPEAT_S
+            time.sleep(0.1)
+
+    def _drop_slot(self) -> None:
+        if self._slot is not None:
+            self._slot.release()
+            self._slot = None
+
+    @contextmanager
+    def _heavy_slot(self, kind: str) -> Iterator[None]:
+        """Hold one of the cache's heavy-build slots while a HEAVY_KINDS entry is built.
+
+        Re-entrant: a heavy build nested in another (retention building its reference) uses the
+        slot its process holds; a light build (scores) takes none, so a heavy one inside it
+        still does. No deadlock: a slot holder never waits for an entry lock with its slot
+        (`_locked` lets it go meanwhile), so every slot is held by a build that can go on.
+        """
+        if kind not in HEAVY_KINDS or self.heavy_slots == 0:
+            yield
+            return
+        if self._slot_depth == 0:
+            self.slot_waits.append(self._take_slot(kind))
         self._slot_depth += 1
         try:
             yield
         finally:
             self._slot_depth -= 1
-            if held is not None:
-                held.release()
+            if self._slot_depth == 0:
+                self._drop_slot()
 
     def get_or_build_dir(
         self,
