@@ -148,6 +148,27 @@ def test_weight_steer_adds_alpha_w_and_restores_bit_for_bit(
     assert_bitwise_equal(model, before)
 
 
+def test_weight_steer_never_writes_into_the_base_weights(
+    steering_diff: MakeDiff, tiny: HarnessSession
+) -> None:
+    """The steered weights are new tensors; the originals (file pages of a memory-mapped model,
+    shared by every worker) are neither written nor copied, and come back as they were."""
+    model, w = tiny.model, steering_diff(tiny)
+    params = dict(model.named_parameters())
+    versions = {k: params[k]._version for k in w}
+    originals = {k: params[k].data for k in w}  # the storage, with a version counter of its own
+    written = {k: t._version for k, t in originals.items()}
+    values = {k: params[k].detach().clone() for k in w}
+    with weight_steer(model, w, 0.7):
+        for k, tensor in originals.items():
+            assert params[k].data_ptr() != tensor.data_ptr()
+            assert tensor._version == written[k] and torch.equal(tensor, values[k])
+            assert torch.equal(params[k], torch.add(values[k], w[k], alpha=0.7))
+    for k, tensor in originals.items():
+        assert params[k].data_ptr() == tensor.data_ptr() and params[k]._version == versions[k]
+        assert tensor._version == written[k]
+
+
 def test_weight_steer_restores_when_the_body_raises(steering_diff: MakeDiff, tiny: HarnessSession) -> None:
     model, w = tiny.model, steering_diff(tiny)
     before = snapshot(model)

@@ -209,12 +209,22 @@ def test_base_residual_is_reused_until_an_upstream_weight_is_edited(
     first = steering_effects(tiny.model, arch, probes, answer_ids, {"w": w_write})["w"]
     again = steering_effects(tiny.model, arch, probes, answer_ids, {"w": w_write})["w"]
     assert len(calls) == 1 and torch.equal(first, again)
-    # an in-place edit of layer 0 (undone since) bumps its version counter: computed afresh
+    # weight_steer on layer 0 swaps in another tensor: computed afresh, and different
     name = arch.param_name(0, "down")
-    with weight_steer(tiny.model, {name: torch.zeros_like(arch.weight(0, "down")) + 1e-3}, 1.0):
-        pass
+    with weight_steer(tiny.model, {name: torch.zeros_like(arch.weight(0, "down")) + 1e-2}, 1.0):
+        steered = steering_effects(tiny.model, arch, probes, answer_ids, {"w": w_write})["w"]
+    assert len(calls) == 2 and not torch.equal(steered, first)
+    # ...and gives the original tensor back, so the memo holds again
+    assert torch.equal(steering_effects(tiny.model, arch, probes, answer_ids, {"w": w_write})["w"],
+                       first) and len(calls) == 2
+    # an in-place edit of layer 0 (undone since) bumps its version counter: computed afresh
+    weight = arch.weight(0, "down")
+    with torch.no_grad():
+        saved = weight.clone()
+        weight.add_(1.0)
+        weight.copy_(saved)
     after = steering_effects(tiny.model, arch, probes, answer_ids, {"w": w_write})["w"]
-    assert len(calls) == 2 and torch.equal(after, first)
+    assert len(calls) == 3 and torch.equal(after, first)
 
 
 def test_edited_forwards_refuse_nesting_and_foreign_modules(tiny: HarnessSession, late_diff: dict) -> None:

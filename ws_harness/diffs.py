@@ -380,9 +380,13 @@ def weight_steer(
     model: torch.nn.Module, w: Mapping[str, torch.Tensor] | Diff, alpha: float
 ) -> Iterator[torch.nn.Module]:
     """Within the block the model's weights are θ + α·w; on exit, also when the body raises,
-    every touched parameter is restored bit-for-bit (from a saved copy, not by subtracting,
-    which would leave float rounding). `w` is validated first, so nothing is applied to a
-    model it does not fit."""
+    every touched parameter is restored bit-for-bit. `w` is validated first, so nothing is
+    applied to a model it does not fit.
+
+    Each touched parameter gets a new tensor θ + α·w for the block and its own tensor back
+    afterwards (not an in-place add, then a copy back): a model read memory-mapped from the
+    cache then keeps its file pages shared, where writing into them would give every xdist
+    worker a private copy of each touched weight (0.2 GB at 135M)."""
     tensors = w.w if isinstance(w, Diff) else w
     checked = validate_diff(tensors, model, source="weight_steer")
     alpha = float(alpha)
@@ -395,15 +399,16 @@ def weight_steer(
             if alpha != 0.0:  # α = 0 is the base model: touch nothing
                 for key, delta in checked.items():
                     param = params[key]
-                    saved[key] = param.detach().clone()
-                    if param.dtype == torch.float32:
-                        param.add_(delta.to(device=param.device, dtype=param.dtype), alpha=alpha)
+                    original = param.data
+                    if param.dtype == torch.float32:  # the same sum as param.add_(δ, alpha=α)
+                        steered = torch.add(original, delta.to(device=param.device,
+                                                                dtype=param.dtype), alpha=alpha)
                     else:  # bfloat16/float16: add in float32, round once (not delta, then sum)
-                        sum32 = param.float() + alpha * delta.to(device=param.device,
-                                                                  dtype=torch.float32)
-                        param.copy_(sum32.to(param.dtype))
+                        steered = (original.float() + alpha * delta.to(
+                            device=param.device, dtype=torch.float32)).to(param.dtype)
+                    saved[key] = original
+                    param.data = steered
         yield model
     finally:
-        with torch.no_grad():
-            for key, original in saved.items():
-                params[key].copy_(original)
+        for key, original in saved.items():
+            params[key].data = original
