@@ -17,6 +17,9 @@ virtualenv), so before/after figures come from one invocation on one machine:
         a2d687f:warm:4 --cache .ws-cache --markdown benchmarks/sweep.md
 
 Every run's JSON line goes to stdout; --markdown appends a table of all runs to a file.
+--timeline FILE writes every sample as a JSON line (seconds, then per process: pid, RSS, PSS,
+private (anonymous) MiB and the cache entries it was building, from the run's progress
+events); each run's row also names, at its peak PSS, what every process held and built.
 """
 
 from __future__ import annotations
@@ -45,27 +48,75 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _tree_memory_mib(root: int) -> tuple[float, float]:
-    """(RSS, PSS) summed over the process tree, MiB. RSS counts a page shared by N workers
-    (the model read from one memory-mapped file) N times; PSS counts 1/N of it in each, so
-    the PSS sum is what the tree costs the machine."""
-    rss = pss = 0
-    stack, seen = [root], set()
+def _process_memory_mib(pid: int) -> tuple[int, int, int] | None:
+    """(RSS, PSS, anonymous) of one process in MiB, or None once it is gone."""
+    fields = {"Rss": 0, "Pss": 0, "Anonymous": 0}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name in fields:
+                fields[name] = int(rest.split()[0]) // 1024
+    except OSError:
+        return None
+    return fields["Rss"], fields["Pss"], fields["Anonymous"]
+
+
+def _tree(root: int) -> list[int]:
+    stack, seen = [root], []
     while stack:
         pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+        if pid not in seen:
+            seen.append(pid)
+            stack += _children(pid)
+    return seen
+
+
+def _progress_dir(pids: list[int]) -> str | None:
+    """The run's progress folder, from a process's environment (the controller sets it)."""
+    for pid in pids:
         try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1])
+            for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                if item.startswith(b"WS_PROGRESS_DIR="):
+                    return item.split(b"=", 1)[1].decode()
         except OSError:
             continue
-        stack += _children(pid)
-    return rss / 1024, pss / 1024
+    return None
+
+
+def _building(pid: int, folder: str | None) -> list[str]:
+    """The cache entries (kind:key) a process has begun and not ended, from its event file."""
+    if not folder:
+        return []
+    try:
+        lines = (Path(folder) / f"{pid}.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    open_: dict[str, None] = {}
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:  # a line being written
+            continue
+        item = f"{event.get('phase')}:{event.get('label')}"
+        if event.get("event") == "begin":
+            open_[item] = None
+        elif event.get("event") == "end":
+            open_.pop(item, None)
+    return list(open_)
+
+
+def _sample(root: int, folder: str | None) -> list[list]:
+    """[pid, RSS, PSS, anonymous, building] for every live process of the tree.
+
+    Summed, RSS counts a page shared by N workers (the model read from one memory-mapped
+    file) N times; PSS counts 1/N of it in each, so the PSS sum is what the tree costs the
+    machine; anonymous memory is each process's own (heap, activations)."""
+    rows = []
+    for pid in _tree(root):
+        mem = _process_memory_mib(pid)
+        if mem is not None:
+            rows.append([pid, *mem, _building(pid, folder)])
+    return rows
 
 
 def _phases(out: Path) -> dict[str, dict[str, float]]:
@@ -82,7 +133,8 @@ def _phases(out: Path) -> dict[str, dict[str, float]]:
     return {k: {m: round(v, 1) for m, v in totals[k].items()} for k in sorted(totals)}
 
 
-def run(cwd: Path, cache: Path, out: Path, workers: int, extra: list[str] = ()) -> dict:
+def run(cwd: Path, cache: Path, out: Path, workers: int, extra: list[str] = (),
+        timeline: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "pytest", "hypotheses/", "-n", str(workers), "-q",
            "-p", "no:cacheprovider", f"--ws-cache-dir={cache}", f"--ws-out={out}", *extra]
     before = os.times()
@@ -93,17 +145,33 @@ def run(cwd: Path, cache: Path, out: Path, workers: int, extra: list[str] = ()) 
     with open(log, "w", encoding="utf-8") as fh:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, text=True)
         peak = peak_pss = 0.0
-        while proc.poll() is None:
-            rss, pss = _tree_memory_mib(proc.pid)
-            peak, peak_pss = max(peak, rss), max(peak_pss, pss)
-            time.sleep(0.2)
+        at_peak: list[list] = []
+        folder = None
+        samples = open(timeline, "a", encoding="utf-8") if timeline else None
+        try:
+            while proc.poll() is None:
+                rows = _sample(proc.pid, folder)
+                folder = folder or _progress_dir([r[0] for r in rows])
+                rss, pss = sum(r[1] for r in rows), sum(r[2] for r in rows)
+                peak = max(peak, rss)
+                if pss > peak_pss:
+                    peak_pss, at_peak = pss, rows
+                if samples:
+                    samples.write(json.dumps([round(time.perf_counter() - start, 1), rows]) + "\n")
+                time.sleep(0.2 if samples is None else 0.5)
+        finally:
+            if samples:
+                samples.close()
     wall = time.perf_counter() - start
     after = os.times()
     lines = [ln for ln in log.read_text(encoding="utf-8").splitlines() if ln.strip()]
     # children_user/system: CPU of every reaped descendant (pytest and its workers).
     cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
     return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mib": round(peak),
-            "peak_pss_mib": round(peak_pss), "exit": proc.returncode,
+            "peak_pss_mib": round(peak_pss),
+            "at_peak_pss": [{"pid": r[0], "rss": r[1], "pss": r[2], "anon": r[3],
+                             "building": r[4]} for r in at_peak],
+            "exit": proc.returncode,
             "result": lines[-1] if lines else "", "phases": _phases(out)}
 
 
@@ -139,6 +207,9 @@ def main() -> None:
     parser.add_argument("--pytest-arg", dest="extra", action="append", default=[],
                         help="one more pytest argument for every run, e.g. "
                              "--pytest-arg=--ws-model=random:qwen3-0.6b (repeatable)")
+    parser.add_argument("--timeline", type=Path, default=None,
+                        help="append every memory sample (per process, twice a second) to this "
+                             "JSON-lines file")
     parser.add_argument("--keep-out", type=Path, default=None,
                         help="write each label's out folder (tables, report) here and keep it")
     args = parser.parse_args()
@@ -160,7 +231,8 @@ def main() -> None:
             # the plots of identical results already drawn (report.PLOT_STAMP).
             outs = args.keep_out.resolve() if args.keep_out else tmp
             outs.mkdir(parents=True, exist_ok=True)
-            result = run(cwd, cache, outs / f"out-{label}", int(workers), args.extra)
+            result = run(cwd, cache, outs / f"out-{label}", int(workers), args.extra,
+                         args.timeline)
             row = {"run": spec, **result}
             rows.append(row)
             print(json.dumps(row), flush=True)
