@@ -25,6 +25,7 @@ events); each run's row also names, at its peak PSS, what every process held and
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -32,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ws_harness.progress import Renderer
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("model", "diffs", "captures", "labels", "attribution", "bases", "structured_null",
@@ -83,39 +86,20 @@ def _progress_dir(pids: list[int]) -> str | None:
     return None
 
 
-def _building(pid: int, folder: str | None) -> list[str]:
-    """The cache entries (kind:key) a process has begun and not ended, from its event file."""
-    if not folder:
-        return []
-    try:
-        lines = (Path(folder) / f"{pid}.jsonl").read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    open_: dict[str, None] = {}
-    for line in lines:
-        try:
-            event = json.loads(line)
-        except ValueError:  # a line being written
-            continue
-        item = f"{event.get('phase')}:{event.get('label')}"
-        if event.get("event") == "begin":
-            open_[item] = None
-        elif event.get("event") == "end":
-            open_.pop(item, None)
-    return list(open_)
-
-
-def _sample(root: int, folder: str | None) -> list[list]:
-    """[pid, RSS, PSS, anonymous, building] for every live process of the tree.
+def _sample(root: int, events: Renderer | None) -> list[list]:
+    """[pid, RSS, PSS, anonymous, building] for every live process of the tree; `building`
+    comes from the run's progress events, read incrementally by `events` (once it is known).
 
     Summed, RSS counts a page shared by N workers (the model read from one memory-mapped
     file) N times; PSS counts 1/N of it in each, so the PSS sum is what the tree costs the
     machine; anonymous memory is each process's own (heap, activations)."""
+    if events is not None:
+        events.poll()
     rows = []
     for pid in _tree(root):
         mem = _process_memory_mib(pid)
         if mem is not None:
-            rows.append([pid, *mem, _building(pid, folder)])
+            rows.append([pid, *mem, events.state.building(str(pid)) if events else []])
     return rows
 
 
@@ -146,12 +130,13 @@ def run(cwd: Path, cache: Path, out: Path, workers: int, extra: list[str] = (),
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, text=True)
         peak = peak_pss = 0.0
         at_peak: list[list] = []
-        folder = None
+        events: Renderer | None = None  # reads the run's progress events; draws nothing
         samples = open(timeline, "a", encoding="utf-8") if timeline else None
         try:
             while proc.poll() is None:
-                rows = _sample(proc.pid, folder)
-                folder = folder or _progress_dir([r[0] for r in rows])
+                rows = _sample(proc.pid, events)
+                if events is None and (folder := _progress_dir([r[0] for r in rows])):
+                    events = Renderer(folder, io.StringIO())
                 rss, pss = sum(r[1] for r in rows), sum(r[2] for r in rows)
                 peak = max(peak, rss)
                 if pss > peak_pss:

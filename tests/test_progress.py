@@ -85,6 +85,8 @@ def test_processes_are_merged_union_of_keys_and_largest_total(tmp_path: Path) ->
     assert renderer.state.done["basis"] == {"b1", "b2", "b3"}
     assert renderer.state.status() == (
         "ws-harness: diff scripted seed 1 positive step 4/16 | captures… | bases 3/5 | scores 1/4")
+    assert renderer.state.building("proc-a") == ["capture:c1"]
+    assert renderer.state.building("proc-b") == [] and renderer.state.building("gone") == []
 
     # Only new lines are read; a line still being written waits for its newline.
     with (tmp_path / "proc-a.jsonl").open("a") as fh:
@@ -94,6 +96,7 @@ def test_processes_are_merged_union_of_keys_and_largest_total(tmp_path: Path) ->
     renderer.poll()
     assert renderer.state.status() == (
         "ws-harness: diff scripted seed 1 positive step 4/16 | bases 3/5 | scores 1/4")
+    assert renderer.state.building("proc-a") == []  # its build has ended
     with (tmp_path / "proc-a.jsonl").open("a") as fh:
         fh.write('y": "b4"}\n{"event": "done", "phase": "basis", "key": "b5"}\n'
                  '{"event": "done", "phase": "basis", "key": "b6"}\n')

@@ -372,8 +372,8 @@ def train_side(
     progress: bool = True,
     family: str = DEFAULT_FAMILY,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Train one PEFT adapter of `family` on a private copy of `model` and return its merged delta
-    per target weight, keyed by the base parameter name (float32), and the losses.
+    """Train one PEFT adapter of `family` on `model` and return its merged delta per target
+    weight, keyed by the base parameter name (float32), and the losses.
 
     lora: Δ = scale·B·A from the factors (the original path); the adapter is injected into the
     shared model and unloaded again in `finally` (its weights are frozen and never written, so

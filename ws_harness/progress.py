@@ -205,6 +205,11 @@ class ProgressState:
         """Processes with a build or a step counter open."""
         return [name for name, proc in self._processes.items() if proc.building or proc.steps]
 
+    def building(self, process: str) -> list[str]:
+        """What `process` has begun and not yet ended, as "phase:label" (outermost first)."""
+        proc = self._processes.get(process)
+        return [f"{phase}:{label}" for phase, label in proc.building] if proc else []
+
     def forget_jobs(self, process: str) -> None:
         """Drop what `process` was building (it has died); what it finished still counts."""
         self._processes.pop(process, None)
